@@ -1,0 +1,80 @@
+"""Every exit's prediction for every example, in one full-depth pass.
+
+Rules that only read exit outputs (entropy, confidence, patience, the policy, the oracle) can be
+simulated exactly from these tables, and memorized layers are read off them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+@dataclass
+class ExitTables:
+    #: [N, L, C] softmax of every exit.
+    probs: torch.Tensor
+    #: [N, L-1] exit probability p_l of every policy.
+    policy_probs: torch.Tensor
+    #: [N] gold label ids, or None when the split has no labels.
+    labels: torch.Tensor | None
+    #: [N] number of real tokens of each example (for FLOPs).
+    seq_lens: torch.Tensor
+
+    @property
+    def num_layers(self) -> int:
+        return self.probs.shape[1]
+
+    def predictions(self) -> torch.Tensor:
+        """[N, L] argmax of every exit."""
+        return self.probs.argmax(dim=-1)
+
+    def per_exit_accuracy(self) -> list[float]:
+        if self.labels is None:
+            raise ValueError("the split has no labels")
+        return (self.predictions() == self.labels.unsqueeze(1)).float().mean(dim=0).tolist()
+
+
+@torch.inference_mode()
+def collect_exit_tables(
+    model,
+    dataset: Dataset,
+    collate,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "exits",
+) -> ExitTables:
+    """Run ``model`` at full depth over ``dataset`` (items carry an ``index``) in eval mode."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    probs = policy = labels = None
+    seq_lens = torch.zeros(n, dtype=torch.long)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+        index = batch["index"]
+        out = model(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
+        )
+        p = out.exit_logits.float().softmax(-1).cpu()
+        q = out.policy_logits.float().sigmoid().cpu()
+        if probs is None:
+            probs = torch.zeros(n, *p.shape[1:])
+            policy = torch.zeros(n, q.shape[1])
+            if "labels" in batch:
+                labels = torch.full((n,), -1, dtype=torch.long)
+        probs[index], policy[index] = p, q
+        seq_lens[index] = batch["attention_mask"].sum(1).cpu()
+        if labels is not None:
+            labels[index] = batch["labels"]
+    model.train(was_training)
+    if probs is None:
+        raise ValueError("cannot evaluate an empty split")
+    return ExitTables(probs=probs, policy_probs=policy, labels=labels, seq_lens=seq_lens)
