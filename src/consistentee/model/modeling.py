@@ -47,6 +47,8 @@ class MultiExitOutput:
     exit_logits: torch.Tensor
     #: [batch, num_layers - 1] logits of the exit policies (sigmoid gives p_l).
     policy_logits: torch.Tensor
+    #: [batch, num_layers, hidden] pooled state after every layer (only with ``return_pooled=True``).
+    pooled: torch.Tensor | None = None
 
 
 class EarlyExitForSequenceClassification(nn.Module):
@@ -136,17 +138,23 @@ class EarlyExitForSequenceClassification(nn.Module):
             raise IndexError("the last layer has no policy: exiting there is forced")
         return self.policies[index](pooled)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> MultiExitOutput:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, return_pooled: bool = False) -> MultiExitOutput:
         """Every exit and every policy, at full depth (training and table-building)."""
         state = self.embed(input_ids, attention_mask, token_type_ids)
-        logits, policies = [], []
+        logits, policies, pooled_states = [], [], []
         for i in range(self.num_layers):
             state, pooled = self.run_layer(i, state)
+            if return_pooled:
+                pooled_states.append(pooled)
             logits.append(self.exit_logits(i, pooled))
             if i < self.num_layers - 1:
                 policies.append(self.policy_logits(i, pooled))
         policy_logits = torch.stack(policies, dim=1) if policies else logits[0].new_zeros(len(logits[0]), 0)
-        return MultiExitOutput(exit_logits=torch.stack(logits, dim=1), policy_logits=policy_logits)
+        return MultiExitOutput(
+            exit_logits=torch.stack(logits, dim=1),
+            policy_logits=policy_logits,
+            pooled=torch.stack(pooled_states, dim=1) if return_pooled else None,
+        )
 
     # -- saving and loading -------------------------------------------------------------------
 
