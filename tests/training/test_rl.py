@@ -409,3 +409,17 @@ def test_reinforce_learns_to_exit_early() -> None:
         opt.step()
     p_exit_1 = exit_distribution(torch.sigmoid(logits)[None])[0, 0].item()
     assert p_exit_1 > 0.9
+
+
+def test_group_std_normalisation_gives_every_group_the_same_scale():
+    from consistentee.training.rl import group_baseline_advantage
+
+    rewards = torch.tensor([0.0, -0.3, -0.6, -0.3, 0.0, -8.0, -8.0, 0.0])  # an easy and a hard example, K=4
+    plain = group_baseline_advantage(rewards, 4)
+    normed = group_baseline_advantage(rewards, 4, normalize="group_std", eps=0.0)
+    assert plain.view(2, 4).abs().max(1).values[1] > 10 * plain.view(2, 4).abs().max(1).values[0]
+    assert torch.allclose(normed.view(2, 4).std(1), torch.ones(2))
+    assert torch.allclose(normed.view(2, 4).sum(1), torch.zeros(2), atol=1e-6)
+    assert torch.equal(group_baseline_advantage(torch.full((4,), -2.0), 4, normalize="group_std"), torch.zeros(4))
+    with pytest.raises(ValueError, match="normalisation"):
+        group_baseline_advantage(rewards, 4, normalize="zscore")

@@ -1,15 +1,26 @@
 """``consistentee`` command line: one verb per step of the pipeline.
 
-Errors caused by the input (a missing file, an unknown column, an invalid option value, a model directory
-of the wrong kind) print one line naming the problem and exit with status 2; ``--debug`` shows the traceback.
+    train     the whole pipeline: stage 1 -> memorized layers -> ConsistentEE stages 2/3 (one beta or a sweep)
+    stage1    multi-exit fine-tuning only
+    memorize  memorized layers of a run's training set
+    policy    ConsistentEE stages 2/3 from a saved run directory (one beta or a sweep)
+    evaluate  accuracy of every exit (and of the policy) on a split
+
+Every verb that writes into a run directory skips what is already finished there and resumes what was
+interrupted. Errors caused by the input (a missing file, an unknown column, an invalid option value, a model
+directory of the wrong kind) print one line naming the problem and exit with status 2; ``--debug`` shows the
+traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
 
 from consistentee.cli.options import add_dataclass_options, dataclass_from_args
 from consistentee.utils.runtime import DEVICE_CHOICES
@@ -21,7 +32,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run: auto picks CUDA when available, else the CPU")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
@@ -30,7 +41,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
+_common = common_options  # the name the verb modules use
+
+
+def _betas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--betas takes comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--betas needs one or more values >= 0, got {text!r}")
+    return values
+
+
+def _policy_options(parser: argparse.ArgumentParser) -> None:
+    from consistentee.training.policy import PolicyConfig
+
+    group = parser.add_argument_group("ConsistentEE policy (stages 2 and 3)")
+    add_dataclass_options(group, PolicyConfig)
+    group.add_argument("--betas", type=_betas, default=None, metavar="B1,B2,...",
+                       help="train one policy per beta (a sweep) instead of the single --beta")
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML or JSON file with option values (sections or flat keys, named like the "
+                             "options with underscores); flags given on the command line win")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from consistentee.cli import benchmark, predict, serve
     from consistentee.training.run import DataConfig, ModelConfig
     from consistentee.training.stage1 import Stage1Config
 
@@ -44,16 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser(
         "train", formatter_class=_Formatter,
-        help="stage 1 (multi-exit fine-tuning), memorized layers and per-exit test accuracy",
-        description="Fine-tune a multi-exit model (stage 1), compute the memorized layer of every training "
-                    "example and evaluate every exit on the test split. Re-running with the same --run-dir "
-                    "resumes an interrupted run from its last checkpoint.",
+        help="the whole pipeline: stage 1, memorized layers, ConsistentEE stages 2/3",
+        description="Stage 1 (multi-exit fine-tuning), the memorized layer of every training example, then "
+                    "ConsistentEE policy learning (stages 2/3) for one beta or a sweep, and the test accuracy "
+                    "of every exit. Re-running with the same --run-dir skips finished stages and resumes an "
+                    "interrupted one from its last checkpoint.",
     )
-    train.add_argument("--run-dir", required=True, help="directory for everything the run writes")
-    add_dataclass_options(train.add_argument_group("data"), DataConfig)
-    add_dataclass_options(train.add_argument_group("model"), ModelConfig)
-    add_dataclass_options(train.add_argument_group("stage 1"), Stage1Config)
-    _common(train)
+    stage1 = verbs.add_parser(
+        "stage1", formatter_class=_Formatter, help="stage 1 only (multi-exit fine-tuning)",
+        description="Multi-exit fine-tuning (METHOD.md section 5.1) into RUN_DIR/stage1; resumes when interrupted.",
+    )
+    for p in (train, stage1):
+        p.add_argument("--run-dir", required=True, help="directory for everything the run writes")
+        _config_option(p)
+        add_dataclass_options(p.add_argument_group("data"), DataConfig)
+        add_dataclass_options(p.add_argument_group("model"), ModelConfig)
+        add_dataclass_options(p.add_argument_group("stage 1"), Stage1Config)
+        common_options(p)
+    _policy_options(train)
 
     memorize = verbs.add_parser(
         "memorize", formatter_class=_Formatter, help="memorized layers of a run's training set",
@@ -62,67 +110,154 @@ def build_parser() -> argparse.ArgumentParser:
     )
     memorize.add_argument("--run-dir", required=True, help="a run directory with a finished stage 1")
     memorize.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    _common(memorize)
+    common_options(memorize)
+
+    policy = verbs.add_parser(
+        "policy", formatter_class=_Formatter, help="ConsistentEE stages 2/3 from a saved run directory",
+        description="Policy learning (stage 2) and consistent joint training (stage 3), alternating for "
+                    "--rounds, from the run's stage-1 model and memorized layers. Each beta is saved to "
+                    "RUN_DIR/policies/beta-<beta>/model.",
+    )
+    policy.add_argument("--run-dir", required=True, help="a run directory with stage 1 and memorized layers")
+    _config_option(policy)
+    _policy_options(policy)
+    common_options(policy)
 
     evaluate = verbs.add_parser(
-        "evaluate", formatter_class=_Formatter, help="accuracy of every exit on a split",
-        description="Accuracy of every exit of a run's stage-1 model on one split.",
+        "evaluate", formatter_class=_Formatter, help="accuracy of every exit (and of a policy) on a split",
+        description="Accuracy of every exit of a run's stage-1 model on one split; with --beta, also the "
+                    "accuracy and mean exit layer of that ConsistentEE policy at --threshold.",
     )
     evaluate.add_argument("--run-dir", required=True, help="a run directory with a finished stage 1")
     evaluate.add_argument("--split", default="test", choices=("train", "dev", "test"), help="which split")
+    evaluate.add_argument("--beta", type=float, default=None, help="also evaluate the policy trained with this beta")
+    evaluate.add_argument("--threshold", type=float, default=0.5, help="exit when the policy's p_l > threshold")
     evaluate.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")
-    _common(evaluate)
+    common_options(evaluate)
 
-    demo = verbs.add_parser(
-        "demo", formatter_class=_Formatter, help="the main job on the built-in model and data (make demo)",
-        description="Stage 1 on rt-snippets with the built-in MiniLM, memorized layers and per-exit test "
-                    "accuracy; prints where everything was written.",
-    )
-    demo.add_argument("--run-dir", default="runs/demo", help="output directory")
-    demo.add_argument("--epochs", type=int, default=2, help="stage-1 epochs")
-    demo.add_argument("--max-train-examples", type=int, default=None, help="train on a seeded subset")
-    _common(demo)
+    benchmark.add_parser(verbs)
+    predict.add_parser(verbs)
+    serve.add_parser(verbs)
     return parser
 
 
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Values from --config become the defaults of the chosen verb's options."""
+    if "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise ValueError("--config needs a file name")
+    path = Path(argv[index + 1])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    flat: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    flat = {k.replace("-", "_"): v for k, v in flat.items()}
+    verb_parser = _subparser(parser, argv)
+    known = {a.dest for a in verb_parser._actions}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"config file {path} has unknown option(s): {', '.join(unknown)}")
+    verb_parser.set_defaults(**flat)
+
+
+def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for word in argv:
+                if word in action.choices:
+                    return action.choices[word]
+    raise ValueError("--config needs a verb (e.g. `consistentee train --config run.toml`)")
+
+
+def _policy_cfg(args: argparse.Namespace):
+    from consistentee.training.policy import PolicyConfig
+
+    return dataclass_from_args(PolicyConfig, args)
+
+
+def _run_policies(args: argparse.Namespace) -> None:
+    from consistentee.training.policy import run_beta_sweep
+
+    cfg = _policy_cfg(args)
+    betas = args.betas or [cfg.beta]
+    dirs = run_beta_sweep(args.run_dir, betas, cfg, device=args.device, progress=args.progress)
+    for beta, path in dirs.items():
+        print(f"beta {beta:g}: {path}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from consistentee.cli import benchmark, predict, serve
     from consistentee.training import run
     from consistentee.training.stage1 import Stage1Config
 
-    if args.verb in ("train", "demo"):
+    if args.verb in ("train", "stage1"):
+        data_cfg = dataclass_from_args(run.DataConfig, args)
+        model_cfg = dataclass_from_args(run.ModelConfig, args)
+        stage1_cfg = dataclass_from_args(Stage1Config, args)
         if args.verb == "train":
-            data_cfg = dataclass_from_args(run.DataConfig, args)
-            model_cfg = dataclass_from_args(run.ModelConfig, args)
-            stage1_cfg = dataclass_from_args(Stage1Config, args)
-        else:
-            data_cfg = run.DataConfig(max_train_examples=args.max_train_examples)
-            model_cfg = run.ModelConfig()
-            stage1_cfg = Stage1Config(epochs=args.epochs)
+            _policy_cfg(args)  # validate every option before hours of training
         run.run_stage1(args.run_dir, data_cfg, model_cfg, stage1_cfg, device=args.device, progress=args.progress)
-        run.run_memorize(args.run_dir, device=args.device, progress=args.progress)
-        run.run_evaluate(args.run_dir, "test", device=args.device, progress=args.progress)
-        print(f"run directory: {os.path.abspath(args.run_dir)} (model in stage1/model, histogram in "
-              "memorized_layers.png, metrics in stage1/metrics.json and eval_test.json)")
+        if args.verb == "train":
+            if not (Path(args.run_dir) / "memorized_layers.json").is_file():
+                run.run_memorize(args.run_dir, device=args.device, progress=args.progress)
+            run.run_evaluate(args.run_dir, "test", device=args.device, progress=args.progress)
+            _run_policies(args)
+        print(f"run directory: {os.path.abspath(args.run_dir)}")
     elif args.verb == "memorize":
         run.run_memorize(args.run_dir, device=args.device, batch_size=args.batch_size, progress=args.progress)
+    elif args.verb == "policy":
+        _run_policies(args)
     elif args.verb == "evaluate":
         run.run_evaluate(args.run_dir, args.split, device=args.device, batch_size=args.batch_size,
                          progress=args.progress)
+        if args.beta is not None:
+            from consistentee.model.modeling import EarlyExitForSequenceClassification
+            from consistentee.training.policy import evaluate_policy, policy_model_dir
+
+            if not 0 <= args.threshold <= 1:
+                raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+            model_dir = policy_model_dir(args.run_dir, args.beta)
+            model = EarlyExitForSequenceClassification.from_pretrained(model_dir)
+            _, data = run.load_run_model(args.run_dir, device="cpu")
+            result = evaluate_policy(model, data, args.split, args.threshold, batch_size=args.batch_size)
+            print(f"ConsistentEE beta {args.beta:g} threshold {args.threshold:g} on {args.split}: accuracy "
+                  f"{100 * result['accuracy']:.2f}% at mean exit layer {result['mean_exit_layer']:.2f} "
+                  f"({result['layer_speedup']:.2f}x layer speed-up)")
+    elif args.verb == "benchmark":
+        return benchmark.run(args)
+    elif args.verb == "demo":
+        return benchmark.run_demo(args)
+    elif args.verb == "predict":
+        return predict.run(args)
+    elif args.verb == "serve":
+        return serve.run(args)
     return 0
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from consistentee.training.checkpoint import CheckpointError
 
-    return (ValueError, FileNotFoundError, NotADirectoryError, KeyError, CheckpointError)
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, CheckpointError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = parser.parse_known_args(argv)[0] if debug else None
+        parser = build_parser()
+        _apply_config(parser, argv)
         args = parser.parse_args(argv)
         return _run(args)
     except KeyboardInterrupt:
@@ -137,8 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # anything else: still one line, traceback behind --debug
         if debug:
             raise
-        print(f"consistentee: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(run again with --debug for the traceback)", file=sys.stderr)
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"consistentee: error: {type(exc).__name__}: {text} (run again with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -35,13 +35,20 @@ def _none_or(kind: type):
 def add_dataclass_options(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, skip: tuple[str, ...] = ()
 ) -> None:
+    """One option per documented field. A field whose option already exists (``--seed`` of two stages) shares
+    it: both configurations then get the same value, so their defaults must agree."""
     hints = typing.get_type_hints(cls)
+    existing = parser._option_string_actions  # shared between a parser and its argument groups
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init or "help" not in f.metadata:
             continue
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
+        if flag in existing:
+            if existing[flag].default != default:
+                raise ValueError(f"option {flag} is shared by two configurations with different defaults")
+            continue
         extra: dict[str, Any] = {}
         if "choices" in f.metadata:
             extra["choices"] = f.metadata["choices"]

@@ -67,11 +67,13 @@ class EarlyExitForSequenceClassification(nn.Module):
         self._init_heads()
 
     def _init_heads(self) -> None:
+        # Exit classifiers like the backbone's own heads; policies keep PyTorch's default (fan-in scaled) init so
+        # that their output depends on the input from the first step: a near-constant policy collapses to
+        # "always continue" under the strong negative rewards of hard inputs before it learns to tell inputs apart.
         std = float(getattr(self.backbone.config, "initializer_range", 0.02))
-        for module in [*self.exits, *self.policies.modules()]:
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                nn.init.zeros_(module.bias)
+        for module in self.exits:
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
 
     # -- construction -------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ADVANTAGE_NORMS",
     "HARDNESS",
     "REWARDS",
     "EpsilonSchedule",
@@ -348,17 +349,31 @@ HARDNESS: dict[str, Callable[..., Tensor]] = {
 # --------------------------------------------------------------------------- estimators and losses
 
 
-def group_baseline_advantage(rewards: Tensor, k: int) -> Tensor:
+ADVANTAGE_NORMS = ("group_std", "none")
+
+
+def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", eps: float = 1e-2) -> Tensor:
     """A_ik = R_ik - mean_k R_ik for ``N`` groups of ``k`` *consecutive* rollouts (detached, ``[N*k]``).
+
+    ``normalize="group_std"`` divides each group by (its reward std + ``eps``). DECISION: without it, inputs
+    whose early exits are wrong (rewards spread over several nats) outweigh easy inputs (rewards spread by
+    beta * w * e, a fraction of a nat) by an order of magnitude; the shared policy then learns "always
+    continue" before it learns to tell inputs apart, and exploration dies with it. ``eps`` keeps groups
+    whose rewards differ only by dropout noise from being blown up to unit scale.
 
     k = 1 is rejected: the baseline would equal the reward and silently zero the gradient.
     """
+    if normalize not in ADVANTAGE_NORMS:
+        raise ValueError(f"unknown advantage normalisation {normalize!r}; choose one of {', '.join(ADVANTAGE_NORMS)}")
     if k < 2:
         raise ValueError(f"k must be >= 2 for a group baseline, got {k}")
     if rewards.dim() != 1 or rewards.numel() % k:
         raise ValueError(f"rewards must be [N*k] with k={k}, got shape {tuple(rewards.shape)}")
     r = rewards.detach().view(-1, k)
-    return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+    advantage = r - r.mean(dim=1, keepdim=True)
+    if normalize == "group_std":
+        advantage = advantage / (r.std(dim=1, keepdim=True) + eps)
+    return advantage.reshape(-1)
 
 
 def policy_gradient_loss(log_prob: Tensor, advantage: Tensor) -> Tensor:

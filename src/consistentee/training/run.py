@@ -199,7 +199,8 @@ def run_memorize(run_dir: str | Path, *, device: str = "auto", batch_size: int =
     model, data = load_run_model(run_dir, device)
     tables = split_tables(model, data, "train", batch_size=batch_size, progress=progress)
     layers = memorized.memorized_layers(tables.predictions(), tables.labels)
-    path = memorized.save_memorized(run_dir, data.splits.train.ids, layers, model.num_layers)
+    losses = memorized.final_exit_loss(tables.probs, tables.labels)
+    path = memorized.save_memorized(run_dir, data.splits.train.ids, layers, model.num_layers, losses)
     plot_histogram(layers.numpy(), model.num_layers, "memorized layer of training examples",
                    run_dir / "memorized_layers.png")
     log(memorized.histogram_text(layers, model.num_layers))

@@ -111,7 +111,11 @@ def _set_trainable(model: EarlyExitForSequenceClassification, phase: Phase) -> l
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _optimizer(model: EarlyExitForSequenceClassification, cfg: Stage1Config) -> torch.optim.AdamW:
+def optimizer_for(
+    model: EarlyExitForSequenceClassification, learning_rate: float, head_learning_rate: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the new heads get their own (larger) learning rate; biases and
+    norms get no weight decay."""
     heads = {id(p) for p in model.head_parameters()}
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -123,15 +127,15 @@ def _optimizer(model: EarlyExitForSequenceClassification, cfg: Stage1Config) -> 
         [
             {
                 "params": params,
-                "lr": cfg.head_learning_rate if is_head else cfg.learning_rate,
-                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                "lr": head_learning_rate if is_head else learning_rate,
+                "weight_decay": 0.0 if no_decay else weight_decay,
             }
             for (is_head, no_decay), params in groups.items()
         ]
     )
 
 
-def _epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 1_009 + epoch)
     return torch.randperm(n, generator=g).tolist()
 
@@ -184,7 +188,7 @@ def train_stage1(
         if phase_index < start["phase"]:
             continue
         _set_trainable(model, phase)
-        optimizer = _optimizer(model, cfg)
+        optimizer = optimizer_for(model, cfg.learning_rate, cfg.head_learning_rate, cfg.weight_decay)
         total = steps_per_epoch * cfg.epochs
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
         if saved_state is not None and phase_index == start["phase"]:
@@ -199,7 +203,7 @@ def train_stage1(
         for epoch in range(first_epoch, cfg.epochs):
             skip = start["step"] if (phase_index == start["phase"] and epoch == start["epoch"]) else 0
             bar.update(skip)
-            order = _epoch_order(len(train_set), cfg.seed, phase_index, epoch)
+            order = epoch_order(len(train_set), cfg.seed, phase_index, epoch)
             loader = accelerator.prepare_data_loader(
                 # Its own generator: creating an iterator must not consume the global RNG that dropout uses,
                 # or a resumed run would diverge from an uninterrupted one.

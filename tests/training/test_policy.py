@@ -1,0 +1,174 @@
+"""ConsistentEE stages 2/3: rollouts agree with the full-depth model, and the policy learns hardness."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from consistentee.data import LabelList
+from consistentee.model.modeling import EarlyExitForSequenceClassification
+from consistentee.training.policy import PolicyConfig, evaluate_policy, run_beta_sweep, train_policy
+from consistentee.training.rl import trajectory_log_prob
+from consistentee.training.rollout import repeat_batch, rollout
+from consistentee.training.run import DataConfig, ModelConfig, load_run_model, run_memorize, save_run_settings
+
+
+def _batch(tiny_encoder_dir, texts, labels):
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"], "labels": torch.tensor(labels), "index": torch.arange(len(texts))}
+
+
+TEXTS = ["short", "a somewhat longer sentence here", "mid sized text", "x", "the longest of all these example texts"]
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_rollout_log_prob_and_exit_scores_equal_the_full_depth_model(tiny_encoder_dir, trim):
+    torch.manual_seed(0)
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["a", "b"], pooling="mean").eval()
+    for policy in model.policies:  # spread the policies so that every exit layer occurs
+        policy.net[-1].bias.data.fill_(-0.3)
+    batch = repeat_batch(_batch(tiny_encoder_dir, TEXTS, [0, 1, 0, 1, 1]), 6)
+    ro = rollout(model, batch, train_backbone=False, generator=torch.Generator().manual_seed(3), trim=trim)
+    full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    p = full.policy_logits.sigmoid()
+    assert set(ro.exit_layer.tolist()) == {1, 2, 3}
+    assert torch.allclose(ro.log_prob, trajectory_log_prob(p, ro.exit_layer), atol=1e-5)
+    log_q = full.exit_logits.log_softmax(-1)[torch.arange(30), ro.exit_layer - 1, batch["labels"]]
+    assert torch.allclose(ro.log_q_exit, log_q, atol=1e-5)
+    taken = full.exit_logits[torch.arange(30), ro.exit_layer - 1].argmax(-1)
+    assert torch.equal(ro.correct, taken == batch["labels"])
+    assert torch.equal(ro.decisions, (ro.exit_layer.clamp(max=2)).float())  # no decision at the forced last layer
+
+
+def test_exited_rows_stop_running_deeper_layers(tiny_encoder_dir):
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["a", "b"], pooling="mean").eval()
+    seen = []
+    for layer in model.backbone.model.encoder.layer:
+        layer.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    for policy in model.policies:
+        policy.net[-1].bias.data.fill_(2.0)  # p ~ 0.88: most rows leave at layer 1
+    batch = repeat_batch(_batch(tiny_encoder_dir, TEXTS, [0, 1, 0, 1, 1]), 8)
+    ro = rollout(model, batch, train_backbone=False, generator=torch.Generator().manual_seed(0))
+    assert seen[0] == 40 and seen[1] < 15 and seen[1] == int((ro.exit_layer > 1).sum())
+
+
+def test_expected_ce_weights_each_exit_by_its_detached_probability(tiny_encoder_dir):
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["a", "b"], pooling="mean").eval()
+    batch = _batch(tiny_encoder_dir, TEXTS, [0, 1, 0, 1, 1])
+    ro = rollout(model, batch, train_backbone=True, expected_ce=True, generator=torch.Generator().manual_seed(0))
+    full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    p = full.policy_logits.sigmoid()
+    dist = torch.stack([p[:, 0], (1 - p[:, 0]) * p[:, 1], (1 - p[:, 0]) * (1 - p[:, 1])], dim=1)
+    ce = torch.nn.functional.cross_entropy(full.exit_logits.transpose(1, 2), batch["labels"].unsqueeze(1).expand(5, 3),
+                                           reduction="none")
+    assert torch.allclose(ro.expected_ce, (dist * ce).sum(1), atol=1e-5)
+    assert ro.expected_ce.requires_grad
+
+
+def test_invalid_policy_settings_are_refused():
+    with pytest.raises(ValueError, match="beta"):
+        PolicyConfig(beta=-0.1)
+    with pytest.raises(ValueError, match="rollouts"):
+        PolicyConfig(rollouts=0)
+    with pytest.raises(ValueError, match="reward"):
+        PolicyConfig(reward="speed")
+
+
+# --- learning: easy inputs leave early, hard ones go deep --------------------------------------------------
+
+EASY = ["sunny bright day", "happy bright sun", "warm sunny morning", "bright happy light"]
+HARD = ["cold dark night", "grey rainy evening", "dark stormy sky", "rainy cold wind"]
+
+
+@pytest.fixture(scope="module")
+def hardness_run(tmp_path_factory, tiny_encoder_dir):
+    """A run whose stage-1 model is built by hand: exits 1..L-1 always say 'easy' (right for easy inputs,
+    wrong for hard ones); only the last exit tells them apart. Easy inputs have m=1, hard ones m=L."""
+    run_dir = tmp_path_factory.mktemp("hardness-run")
+    rows = [{"id": f"e{i}", "text": f"sunny sunny sunny {EASY[i % 4]}", "label": "easy"} for i in range(40)]
+    rows += [{"id": f"h{i}", "text": f"dark dark dark {HARD[i % 4]}", "label": "hard"} for i in range(40)]
+    csv = run_dir / "data.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    data_cfg = DataConfig(dataset=str(csv), id_column="id", max_length=16)
+    save_run_settings(run_dir, data_cfg, ModelConfig(model=tiny_encoder_dir, pooling="mean"))
+    LabelList(("easy", "hard")).save(run_dir)
+
+    torch.manual_seed(0)
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["easy", "hard"], pooling="mean")
+    model.config.classifier_dropout = 0.0
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(tiny_encoder_dir)
+    with torch.no_grad():
+        enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
+        pooled = model(enc["input_ids"], enc["attention_mask"], return_pooled=True).pooled[:, -1]
+        easy_mean, hard_mean = pooled[:40].mean(0), pooled[40:].mean(0)
+        direction = hard_mean - easy_mean
+        scale = 20.0 / direction.norm() ** 2
+        for exit_head in model.exits[:-1]:
+            exit_head.weight.zero_()
+            exit_head.bias.copy_(torch.tensor([4.0, -4.0]))
+        last = model.exits[-1]
+        last.weight.copy_(torch.stack([-direction, direction]) * scale / 2)
+        mid = (easy_mean + hard_mean) / 2
+        last.bias.copy_(torch.stack([mid @ direction, -(mid @ direction)]) * scale / 2)
+    model.save_pretrained(run_dir / "stage1" / "model", tokenizer=tok)
+    (run_dir / "stage1" / "metrics.json").write_text(json.dumps({"complete": True, "history": []}))
+    run_memorize(run_dir, device="cpu", progress=False, log=lambda *_: None)
+    return run_dir
+
+
+def _mean_exit_by_kind(model_dir, run_dir):
+    model = EarlyExitForSequenceClassification.from_pretrained(model_dir)
+    _, data = load_run_model(run_dir, device="cpu")
+    from consistentee.training.run import split_tables
+
+    tables = split_tables(model, data, "train", progress=False)
+    exits = torch.where(tables.policy_probs > 0.5, torch.arange(1, 3), 3).min(dim=1).values
+    easy = torch.tensor([i.startswith("e") for i in data.splits.train.ids])
+    return exits[easy].float().mean().item(), exits[~easy].float().mean().item()
+
+
+def test_the_hand_built_run_has_the_intended_hardness(hardness_run):
+    table = json.loads((hardness_run / "memorized_layers.json").read_text())["layers"]
+    assert {m for i, m in table.items() if i.startswith("e")} == {1}
+    assert {m for i, m in table.items() if i.startswith("h")} == {3}
+
+
+def test_stage2_learns_to_exit_easy_inputs_early_and_hard_ones_late(hardness_run):
+    cfg = PolicyConfig(beta=0.5, rollouts=8, policy_epochs=12, joint_epochs=0, policy_batch_size=16,
+                       policy_learning_rate=1e-2, seed=0)
+    model_dir = train_policy(hardness_run, cfg, device="cpu", progress=False, log=lambda *_: None)
+    easy, hard = _mean_exit_by_kind(model_dir, hardness_run)
+    assert easy < 1.3 and hard > 2.7, (easy, hard)
+
+    flat = train_policy(hardness_run, PolicyConfig(**{**cfg.__dict__, "beta": 0.0}), device="cpu", progress=False,
+                        log=lambda *_: None)
+    easy0, hard0 = _mean_exit_by_kind(flat, hardness_run)
+    assert hard0 > 2.7 and easy0 > easy + 0.4, (easy0, easy)
+
+    progress = json.loads((model_dir.parent / "progress.json").read_text())
+    assert progress["complete"] and progress["completed"] == ["r1-policy"]
+    log = (model_dir.parent / "log.csv").read_text().splitlines()
+    assert log[0].startswith("unit,epoch,step,loss,reward,mean_exit_layer,exit_histogram")
+    assert len(log) - 1 == 12 * 4  # 64 training rows / 16 per step x 12 epochs
+
+
+def test_joint_rounds_and_sweep_write_one_model_per_beta(hardness_run):
+    cfg = PolicyConfig(rollouts=4, rounds=2, policy_epochs=1, joint_epochs=1, policy_batch_size=32, refresh_memorized=True,
+                       policy_train_examples=32, seed=1)
+    dirs = run_beta_sweep(hardness_run, [0.1, 0.3], cfg, device="cpu", progress=False, log=lambda *_: None)
+    assert sorted(dirs) == [0.1, 0.3]
+    for beta, path in dirs.items():
+        progress = json.loads((path.parent / "progress.json").read_text())
+        assert progress["completed"] == ["r1-policy", "r1-joint", "r2-policy", "r2-joint"], beta
+        assert (path.parent / "memorized_layers_round2.json").is_file()
+        model = EarlyExitForSequenceClassification.from_pretrained(path)
+        _, data = load_run_model(hardness_run, device="cpu")
+        result = evaluate_policy(model, data, "dev")
+        assert 1.0 <= result["mean_exit_layer"] <= 3.0
