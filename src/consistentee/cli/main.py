@@ -5,6 +5,10 @@
     memorize  memorized layers of a run's training set
     policy    ConsistentEE stages 2/3 from a saved run directory (one beta or a sweep)
     evaluate  accuracy of every exit (and of the policy) on a split
+    benchmark every exit rule side by side on one trained model: report.json, report.md, plots
+    demo      the benchmark on the built-in MiniLM and rt-snippets (what `make demo` runs)
+    predict   batched early-exit predictions for a file or stdin (JSONL out)
+    serve     an HTTP server with dynamic micro-batching
 
 Every verb that writes into a run directory skips what is already finished there and resumes what was
 interrupted. Errors caused by the input (a missing file, an unknown column, an invalid option value, a model
@@ -35,9 +39,9 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run: auto picks CUDA when available, else the CPU")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
-                        help="hide progress bars")
-    parser.set_defaults(progress=True)
+    # "%(default).0s" prints nothing and keeps the formatter from adding a confusing "(default: True)".
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide the progress bars (shown by default)%(default).0s")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
@@ -136,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     common_options(evaluate)
 
     benchmark.add_parser(verbs)
+    benchmark.add_demo_parser(verbs)
     predict.add_parser(verbs)
     serve.add_parser(verbs)
     return parser

@@ -18,13 +18,30 @@ from .flops import (
 )
 from .metrics import as_numpy, classification_metrics, speedup_summary
 from .plots import layer_counts, plot_exit_histograms, plot_histogram, plot_tradeoff, save_figure
+from .report import check_report_schema, render_markdown, summary_table, write_report
+
+#: the harness pulls in torch and the exit rules: imported on first use (``from consistentee.evaluation import ...``).
+_HARNESS = ("BenchmarkConfig", "BenchmarkSettings", "demo_settings", "measure_wall_clock", "run_benchmark")
+
+
+def __getattr__(name: str):
+    if name in _HARNESS:
+        from . import harness
+
+        return getattr(harness, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "BenchmarkConfig",
+    "BenchmarkSettings",
     "EncoderShape",
     "as_numpy",
     "auc_saved_fraction",
     "best_speedup_within",
+    "check_report_schema",
     "classification_metrics",
+    "demo_settings",
     "embedding_flops",
     "exit_flops",
     "flops_for_exits",
@@ -32,12 +49,17 @@ __all__ = [
     "full_depth_flops",
     "layer_counts",
     "layer_flops",
+    "measure_wall_clock",
     "pareto_frontier",
     "plot_exit_histograms",
     "plot_histogram",
     "plot_tradeoff",
+    "render_markdown",
+    "run_benchmark",
     "save_figure",
     "saved_fraction_from_speedup",
     "select_on_dev",
     "speedup_summary",
+    "summary_table",
+    "write_report",
 ]

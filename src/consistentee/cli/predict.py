@@ -1,0 +1,230 @@
+"""``consistentee predict``: label texts with early exit, one JSON line per input.
+
+Input: a text file (one text per line), a CSV/TSV/JSON/JSONL file with ``--text-column`` (and
+``--text-pair-column`` for sentence pairs), or standard input when ``--input`` is omitted or ``-``
+(plain lines, or JSON lines when ``--text-column`` is given). Output: JSON lines
+``{"label", "probability", "exit_layer"}`` in input order, to ``--output`` (written atomically) or stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from consistentee.exits.rules import RULES
+
+INPUT_FORMATS = ("auto", "txt", "csv", "tsv", "json", "jsonl")
+PREDICT_RULES = tuple(sorted(name for name in RULES if name != "oracle"))
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` options to ``parser`` (without the common ones)."""
+    parser.add_argument("--model", required=True,
+                        help="a saved model directory (config.json, model.safetensors, tokenizer) or a run directory")
+    parser.add_argument("--policy-model-dir", default=None,
+                        help="inside a run directory: the model directory to use instead of stage1/model")
+    parser.add_argument("--learned-heads", default=None, help="directory of learned exit heads (rule 'learned')")
+    parser.add_argument("--input", default="-", help="input file; '-' or omitted reads standard input")
+    parser.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
+                        help="auto: from the file suffix (.txt/.csv/.tsv/.json/.jsonl); stdin: txt, or jsonl "
+                             "when --text-column is given")
+    parser.add_argument("--text-column", default=None, help="column (CSV/TSV) or key (JSON/JSONL) with the text")
+    parser.add_argument("--text-pair-column", default=None, help="column with the second text of a pair")
+    parser.add_argument("--output", default=None, help="JSONL output file (written atomically); stdout if omitted")
+    parser.add_argument("--rule", default="consistentee", choices=PREDICT_RULES, help="exit rule")
+    parser.add_argument("--knob", default=None,
+                        help="the rule's knob (patience/static: integer, pcee: 't,S', others: a number); "
+                             "omitted: the rule's default")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs per engine call")
+    parser.add_argument("--sort-by-length", action="store_true", help="batch inputs of similar length together")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="most tokens per input (default: what the model accepts)")
+    parser.add_argument("--truncation", action="store_true",
+                        help="truncate inputs longer than --max-length instead of failing")
+    parser.add_argument("--dtype", default="none", choices=("none", "fp16", "bf16"),
+                        help="mixed precision (autocast) for the model")
+
+
+def add_parser(verbs) -> argparse.ArgumentParser:
+    from consistentee.cli.main import _common, _Formatter
+
+    parser = verbs.add_parser(
+        "predict", formatter_class=_Formatter, help="label texts with early exit (JSON lines out)",
+        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
+    )
+    configure(parser)
+    _common(parser)
+    return parser
+
+
+# -- reading inputs ---------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not valid UTF-8 (bad byte at offset {exc.start}); re-save it as UTF-8") from None
+
+
+def _cell(value: Any, source: str, column: str, row: int) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        raise ValueError(f"{source}: missing value in column {column!r} at row {row}")
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        raise ValueError(f"{source}: empty text in column {column!r} at row {row}")
+    return text
+
+
+def _records_to_items(records: list[dict], source: str, text_column: str | None, pair_column: str | None):
+    if text_column is None:
+        raise ValueError(f"{source}: pass --text-column to say which column holds the text")
+    if not records:
+        raise ValueError(f"{source}: no rows")
+    available = list(records[0])
+    for column in (text_column, pair_column):
+        if column is not None and column not in available:
+            raise ValueError(f"{source}: no column {column!r}; available: {', '.join(map(str, available))}")
+    items = []
+    for row, record in enumerate(records, start=1):
+        if text_column not in record:
+            raise ValueError(f"{source}: row {row} has no {text_column!r}")
+        text = _cell(record[text_column], source, text_column, row)
+        if pair_column is None:
+            items.append(text)
+        else:
+            items.append((text, _cell(record.get(pair_column), source, pair_column, row)))
+    return items
+
+
+def read_inputs(
+    path: str | None,
+    input_format: str = "auto",
+    text_column: str | None = None,
+    text_pair_column: str | None = None,
+    stdin=None,
+) -> list:
+    """Texts (or (text, pair) tuples) from a file or stdin; raises ValueError/FileNotFoundError with one line."""
+    if input_format not in INPUT_FORMATS:
+        raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
+    if text_pair_column is not None and text_column is None:
+        raise ValueError("--text-pair-column needs --text-column")
+    if path in (None, "-"):
+        source = "<stdin>"
+        stream = stdin if stdin is not None else sys.stdin
+        raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+        text = _decode(raw, source) if isinstance(raw, bytes) else raw
+        fmt = input_format if input_format != "auto" else ("jsonl" if text_column else "txt")
+    else:
+        file = Path(path)
+        source = str(file)
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: input file not found")
+        if file.is_dir():
+            raise ValueError(f"{file}: is a directory, expected an input file")
+        fmt = input_format
+        if fmt == "auto":
+            suffix = file.suffix.lower().lstrip(".")
+            fmt = suffix if suffix in INPUT_FORMATS else "txt"
+        try:
+            text = _decode(file.read_bytes(), source)
+        except OSError as exc:
+            raise ValueError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise ValueError(f"{source}: no input (empty)")
+    if fmt == "txt":
+        if text_column is not None:
+            raise ValueError(f"{source}: --text-column applies to CSV/TSV/JSON/JSONL input, not plain text")
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                raise ValueError(f"{source}: line {number} is empty (one text per line)")
+        return lines
+    if fmt in ("csv", "tsv"):
+        try:
+            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
+            records = list(reader)
+        except csv.Error as exc:
+            raise ValueError(f"{source}: cannot parse {fmt.upper()} ({exc})") from None
+        return _records_to_items(records, source, text_column, text_pair_column)
+    if fmt == "jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}: line {number} is not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{source}: line {number} is not a JSON object")
+            records.append(record)
+        return _records_to_items(records, source, text_column, text_pair_column)
+    try:  # json
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{source}: a JSON input must be a list of objects")
+    return _records_to_items(data, source, text_column, text_pair_column)
+
+
+# -- writing ------------------------------------------------------------------------------------------
+
+
+def write_results(results: list[dict], output: str | None, stdout=None) -> None:
+    """JSON lines to ``output`` (temporary file + os.replace) or to stdout."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if output in (None, "-"):
+        (stdout or sys.stdout).write(payload)
+        return
+    from consistentee.utils.io import write_text
+
+    write_text(output, payload)
+
+
+def run(args: argparse.Namespace) -> int:
+    from consistentee.inference.predictor import EarlyExitPredictor, parse_knob
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    knob = parse_knob(args.rule, args.knob)
+    items = read_inputs(args.input, args.input_format, args.text_column, args.text_pair_column)
+    predictor = EarlyExitPredictor.from_pretrained(
+        args.model, rule=args.rule, knob=knob, device=getattr(args, "device", "auto"),
+        learned_heads_dir=args.learned_heads, policy_model_dir=args.policy_model_dir,
+        max_length=args.max_length, autocast_dtype=None if args.dtype == "none" else args.dtype,
+    )
+    results = predictor.predict(items, batch_size=args.batch_size, sort_by_length=args.sort_by_length,
+                                truncation=args.truncation, progress=getattr(args, "progress", False))
+    write_results(results, args.output)
+    mean_exit = sum(r["exit_layer"] for r in results) / len(results)
+    where = args.output if args.output not in (None, "-") else "stdout"
+    print(f"{len(results)} predictions ({predictor.rule!r}) to {where}; mean exit layer {mean_exit:.2f} of "
+          f"{predictor.num_layers} (layer speed-up {predictor.num_layers / mean_exit:.2f}x)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m consistentee.cli.predict``), same options as the verb."""
+    parser = argparse.ArgumentParser(prog="consistentee predict", description=__doc__)
+    configure(parser)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    args.progress = False
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"consistentee: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

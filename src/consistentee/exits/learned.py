@@ -1,0 +1,281 @@
+"""Learned exit heads (BERxiT-style "learning to exit"): one small head per layer predicts whether that
+layer's exit classifier is right.
+
+The heads read the same pooled state ``h_l`` as the exit classifier and the policy of layer ``l``
+(:meth:`EarlyExitForSequenceClassification.run_layer`). ``score(i, pooled)`` is the sigmoid
+probability that exit ``i`` (0-based, like the model's own ``exit_logits(i, ...)``) predicts the
+gold label; the ``learned`` exit rule exits at the first layer whose score is ``>= tau``.
+
+Training (:func:`train_learned_heads`) keeps the stage-1 model frozen: its pooled states and exit
+predictions over the training set are computed **once**, in eval mode (dropout off), and the heads
+are then fitted on that cache with binary cross-entropy (target: "exit l's argmax is the gold label")
+for a few epochs. That takes seconds even on a CPU.
+
+Saved as a directory: ``config.json`` + ``model.safetensors`` (written as one atomic directory swap).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from consistentee.utils.io import atomic_directory
+
+__all__ = [
+    "LearnedExitHeads",
+    "LearnedHeadConfig",
+    "PooledCache",
+    "cache_pooled_states",
+    "train_learned_heads",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "consistentee-learned-exit-heads"
+
+
+@dataclass
+class LearnedHeadConfig:
+    """Settings of the learned exit heads (CLI options of ``consistentee benchmark``, prefix ``--learned-``)."""
+
+    hidden: int = field(default=0, metadata={"help": "hidden width of each head: 0 = Linear(d -> 1), else d -> h -> 1 MLP"})
+    epochs: int = field(default=5, metadata={"help": "epochs over the cached pooled states"})
+    batch_size: int = field(default=256, metadata={"help": "batch size over the cached states"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    cache_batch_size: int = field(default=128, metadata={"help": "batch size of the pass that caches pooled states"})
+    seed: int = field(default=0, metadata={"help": "seed of the head initialisation and data order"})
+
+    def __post_init__(self) -> None:
+        if self.hidden < 0:
+            raise ValueError(f"hidden must be >= 0, got {self.hidden}")
+        for name in ("epochs", "batch_size", "cache_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def _head(hidden_size: int, hidden: int) -> nn.Module:
+    if hidden == 0:
+        return nn.Linear(hidden_size, 1)
+    return nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
+class LearnedExitHeads(nn.Module):
+    """``num_layers`` small heads on the pooled state; head ``i`` scores "exit ``i`` is correct"."""
+
+    def __init__(self, hidden_size: int, num_layers: int, hidden: int = 0) -> None:
+        super().__init__()
+        if hidden_size < 1 or num_layers < 1 or hidden < 0:
+            raise ValueError(f"invalid learned-head shape: hidden_size={hidden_size}, num_layers={num_layers}, "
+                             f"hidden={hidden}")
+        self.hidden_size, self.num_layers, self.hidden = int(hidden_size), int(num_layers), int(hidden)
+        self.heads = nn.ModuleList(_head(self.hidden_size, self.hidden) for _ in range(self.num_layers))
+
+    def logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """[B] logit of head ``index`` (0-based) on ``pooled`` [B, d]."""
+        return self.heads[index](pooled.to(self._dtype())).squeeze(-1)
+
+    def score(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """[B] probability that exit ``index`` (0-based) is right: the ``learned`` rule's signal."""
+        return torch.sigmoid(self.logits(index, pooled).float())
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] pooled states of every layer -> [B, L] logits."""
+        if pooled.dim() != 3 or pooled.shape[1] != self.num_layers:
+            raise ValueError(f"pooled must have shape [B, {self.num_layers}, {self.hidden_size}], "
+                             f"got {tuple(pooled.shape)}")
+        return torch.stack([self.logits(i, pooled[:, i]) for i in range(self.num_layers)], dim=1)
+
+    def score_all(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, L, d] -> [B, L] probabilities (the ``learned_scores`` table of :func:`simulate_exits`)."""
+        return torch.sigmoid(self.forward(pooled).float())
+
+    def flops_per_layer(self) -> float:
+        """FLOPs (2 x multiply-adds) of one head on one pooled vector (``extra_flops_per_layer``)."""
+        d, h = float(self.hidden_size), float(self.hidden)
+        return 2.0 * d if h == 0 else 2.0 * (d * h + h)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def config_dict(self) -> dict:
+        return {"format": FORMAT, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                "hidden": self.hidden}
+
+    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write ``config.json`` (+ ``extra`` under "extra") and ``model.safetensors`` atomically."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            config = self.config_dict()
+            if extra:
+                config["extra"] = extra
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> LearnedExitHeads:
+        directory = Path(directory)
+        config_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{directory} is not a learned-exit-heads directory "
+                                    f"(needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("format") != FORMAT:
+            raise ValueError(f"{config_path} is not a learned-exit-heads config (format {config.get('format')!r})")
+        heads = cls(int(config["hidden_size"]), int(config["num_layers"]), int(config.get("hidden", 0)))
+        missing, unexpected = load_model(heads, str(weights), strict=False, device=str(device))
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match {config_path}: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+        return heads.to(device).eval()
+
+    @staticmethod
+    def is_saved(directory: str | os.PathLike) -> bool:
+        directory = Path(directory)
+        return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
+
+
+@dataclass
+class PooledCache:
+    """One eval-mode full-depth pass of a multi-exit model over a dataset, in row order."""
+
+    #: [N, L, d] pooled state after every layer.
+    pooled: torch.Tensor
+    #: [N, L, C] softmax of every exit.
+    probs: torch.Tensor
+    #: [N, L-1] sigmoid of every policy.
+    policy_probs: torch.Tensor
+    #: [N] gold labels, or None for unlabelled data.
+    labels: torch.Tensor | None
+    #: [N] real tokens of every row.
+    seq_lens: torch.Tensor
+
+    def correct(self) -> torch.Tensor:
+        """[N, L] float: 1 where exit l's argmax is the gold label (the heads' targets)."""
+        if self.labels is None:
+            raise ValueError("the data has no labels: learned exit heads need labelled training data")
+        return (self.probs.argmax(-1) == self.labels.unsqueeze(1)).float()
+
+
+@torch.inference_mode()
+def cache_pooled_states(
+    model,
+    dataset: Dataset,
+    collate,
+    *,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "pooled states",
+) -> PooledCache:
+    """Run ``model`` (an EarlyExitForSequenceClassification) in eval mode over ``dataset``, keeping pooled states."""
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot cache pooled states of an empty dataset")
+    pooled = probs = policy = labels = None
+    seq_lens = torch.zeros(n, dtype=torch.long)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+            index = batch["index"]
+            out = model(
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
+                return_pooled=True,
+            )
+            h = out.pooled.float().cpu()
+            p = out.exit_logits.float().softmax(-1).cpu()
+            q = out.policy_logits.float().sigmoid().cpu()
+            if pooled is None:
+                pooled = torch.zeros(n, *h.shape[1:])
+                probs = torch.zeros(n, *p.shape[1:])
+                policy = torch.zeros(n, q.shape[1])
+                if "labels" in batch:
+                    labels = torch.full((n,), -1, dtype=torch.long)
+            pooled[index], probs[index], policy[index] = h, p, q
+            seq_lens[index] = batch["attention_mask"].sum(1).cpu()
+            if labels is not None:
+                labels[index] = batch["labels"]
+    finally:
+        model.train(was_training)
+    return PooledCache(pooled=pooled, probs=probs, policy_probs=policy, labels=labels, seq_lens=seq_lens)
+
+
+def train_learned_heads(
+    model,
+    train_dataset: Dataset | None,
+    collate,
+    cfg: LearnedHeadConfig | None = None,
+    *,
+    cache: PooledCache | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    log=None,
+) -> LearnedExitHeads:
+    """Fit one head per layer of the frozen ``model`` on ``train_dataset`` (or a ready ``cache``).
+
+    Targets: whether exit ``l``'s argmax is the gold label; loss: mean BCE over rows and layers. The
+    model is never changed (its pooled states are computed once, in eval mode). Returns the heads in
+    eval mode on ``device`` (default: the model's device); ``heads.history`` holds the mean loss per epoch.
+    """
+    cfg = cfg or LearnedHeadConfig()
+    if device is None:
+        device = next(model.parameters()).device
+    if cache is None:
+        if train_dataset is None:
+            raise ValueError("give either train_dataset or cache")
+        cache = cache_pooled_states(model, train_dataset, collate, batch_size=cfg.cache_batch_size, device=device,
+                                    progress=progress, desc="learned heads: caching states")
+    states, targets = cache.pooled, cache.correct()
+    n, num_layers, hidden_size = states.shape
+    generator = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        heads = LearnedExitHeads(hidden_size, num_layers, cfg.hidden)
+    heads.to(device).train()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps = math.ceil(n / cfg.batch_size)
+    history: list[float] = []
+    bar = tqdm(total=cfg.epochs * steps, desc="learned heads", unit="step", disable=not progress, leave=False)
+    with torch.enable_grad():
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for start in range(0, n, cfg.batch_size):
+                rows = order[start:start + cfg.batch_size]
+                logits = heads(states[rows].to(device))
+                loss = F.binary_cross_entropy_with_logits(logits.float(), targets[rows].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(rows)
+                bar.update(1)
+            history.append(total / n)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if log is not None:
+                log(f"learned heads: epoch {epoch + 1}/{cfg.epochs}, BCE {history[-1]:.4f}")
+    bar.close()
+    heads.eval()
+    heads.history = history
+    heads.train_config = asdict(cfg)
+    return heads

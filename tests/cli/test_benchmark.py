@@ -1,0 +1,144 @@
+"""``consistentee benchmark`` end to end on a tiny random model and a tiny file dataset (smoke run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from consistentee.cli import benchmark
+from consistentee.evaluation import harness
+from consistentee.evaluation.report import PLOT_FILES, check_report_schema
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="consistentee")
+    verbs = parser.add_subparsers(dest="verb")
+    benchmark.add_parser(verbs)
+    return parser
+
+
+def _stand_in_sweep(calls: list):
+    """Stands in for training.policy.run_beta_sweep: the stage-1 model with random policies per beta."""
+    from transformers import AutoTokenizer
+
+    from consistentee.model.modeling import EarlyExitForSequenceClassification
+
+    def sweep(run_dir, betas, cfg, *, device="auto", progress=True, log=print):
+        calls.append(list(betas))
+        stage1 = Path(run_dir) / "stage1" / "model"
+        out = {}
+        for beta in betas:
+            model = EarlyExitForSequenceClassification.from_pretrained(stage1)
+            g = torch.Generator().manual_seed(int(beta * 1000))
+            for p in model.policies.parameters():
+                p.data = torch.randn(p.shape, generator=g)
+            out[beta] = Path(run_dir) / "policies" / f"beta-{beta:g}" / "model"
+            model.save_pretrained(out[beta], tokenizer=AutoTokenizer.from_pretrained(stage1))
+        return out
+
+    return sweep
+
+
+def test_options_are_generated_from_the_configs_without_clashes():
+    args = _parser().parse_args(["benchmark", "--run-dir", "r", "--epochs", "3", "--learned-epochs", "7",
+                                 "--betas", "0.1,0.2", "--wall-examples", "none", "--rules", "entropy"])
+    settings = benchmark.settings_from_args(args)
+    assert settings.stage1.epochs == 3 and settings.learned.epochs == 7
+    assert settings.bench.beta_values() == [0.1, 0.2] and settings.bench.wall_examples is None
+    if harness._policy_config_class() is not None:
+        # policy options keep their own names, except those stage 1 already has (then --policy-*)
+        args = _parser().parse_args(["benchmark", "--run-dir", "r", "--rollouts", "4", "--policy-seed", "3",
+                                     "--seed", "5"])
+        settings = benchmark.settings_from_args(args)
+        assert settings.policy.rollouts == 4 and settings.policy.seed == 3 and settings.stage1.seed == 5
+        assert settings.learned.seed == 0
+
+
+def test_demo_verb_runs_the_demo_settings(monkeypatch):
+    parser = argparse.ArgumentParser(prog="consistentee")
+    benchmark.add_demo_parser(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["demo", "--run-dir", "somewhere", "--max-train-examples", "100", "--device", "cpu"])
+    seen = {}
+    monkeypatch.setattr(benchmark, "run_settings", lambda run_dir, settings, **kw: seen.update(
+        run_dir=run_dir, settings=settings, **kw) or 0)
+    assert benchmark.run_demo(args) == 0
+    assert seen["run_dir"] == "somewhere" and seen["device"] == "cpu"
+    assert seen["settings"].data.dataset == "rt-snippets" and seen["settings"].data.max_train_examples == 100
+
+
+def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr(harness, "_run_beta_sweep", _stand_in_sweep(calls))
+    run_dir = tmp_path / "run"
+    common = ["benchmark", "--run-dir", str(run_dir), "--dataset", tiny_csv, "--id-column", "id",
+              "--max-length", "16", "--model", tiny_encoder_dir, "--pooling", "mean", "--epochs", "1",
+              "--batch-size", "8", "--learning-rate", "1e-3", "--head-learning-rate", "3e-3",
+              "--learned-epochs", "3", "--betas", "0.01,0.05", "--thresholds", "0,0.3,0.5,0.7",
+              "--device", "cpu", "--no-progress"]
+    args = _parser().parse_args([*common, "--wall-repeats", "2", "--wall-batch-size", "4", "--wall-examples", "none"])
+    assert benchmark.run(args) == 0
+    printed = capsys.readouterr().out
+    for rule in (*harness.ALL_RULES, "oracle"):
+        assert f"\n{rule} " in printed
+    assert "report:" in printed and "report.md" in printed
+
+    out = run_dir / "report"
+    report = json.loads((out / "report.json").read_text())
+    check_report_schema(report)
+    assert list(report["methods"]) == list(harness.ALL_RULES)
+    assert report["num_layers"] == 3 and report["split_sizes"] == {"train": 48, "dev": 6, "test": 6}
+    for name, method in report["methods"].items():
+        walls = [p["wall_speedup"] for p in method["points"]]
+        assert any(w is not None and w > 0 for w in walls), name  # its dev-selected point was timed
+        assert sum(w is None for w in walls) >= len(walls) - 3 - 2  # only a bounded set is timed
+        selected = method["dev_selected"]["1pt"]
+        if selected["knob"] is not None:
+            assert selected["test_wall_speedup"] is not None
+    cee = report["methods"]["consistentee"]["points"]
+    assert {p["knob"]["beta"] for p in cee} == {0.01, 0.05} and len(cee) == 8
+    wall = report["settings"]["wall_clock"]
+    assert wall["examples"] == 6 and wall["batch_size"] == 4
+    assert wall["engine_exit_agreement_min"] >= 0.8  # the engine reproduces the simulated exits
+    assert report["oracle"]["accuracy"] >= report["full_depth"]["accuracy"]
+    for name in PLOT_FILES.values():
+        assert (out / name).is_file()
+    md = (out / "report.md").read_text()
+    assert "## Summary" in md and "## How it was run" in md
+    assert calls == [[0.01, 0.05]]
+
+    # a second run reuses stage 1, the memorized layers, the learned heads and the policy models
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "stage1" / "model" / "model.safetensors",
+                                                run_dir / "memorized_layers.json",
+                                                run_dir / "learned_heads" / "model.safetensors")}
+    args = _parser().parse_args([*common, "--rules", "entropy,consistentee", "--wall-repeats", "0",
+                                 "--out-dir", str(tmp_path / "second")])
+    assert benchmark.run(args) == 0
+    assert calls == [[0.01, 0.05]]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    second = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert list(second["methods"]) == ["entropy", "consistentee"]
+    assert all(p["wall_speedup"] is None for m in second["methods"].values() for p in m["points"])
+    assert "tradeoff_wall" not in second["files"]
+    # the same run directory with other data settings is refused, not silently mixed
+    with pytest.raises(ValueError, match="other settings.*max_length"):
+        benchmark.run(_parser().parse_args([*common, "--max-length", "20", "--rules", "entropy"]))
+
+
+def test_consistentee_without_policy_training_is_a_clear_error(tmp_path, monkeypatch):
+    """Without PolicyConfig (policy training not installed) the consistentee rule stops with a clear message."""
+
+    class FakeModel:
+        num_layers = 3
+
+    monkeypatch.setattr("consistentee.training.run.run_stage1", lambda *a, **k: None)
+    monkeypatch.setattr("consistentee.training.run.load_run_model", lambda *a, **k: (FakeModel(), None))
+    (tmp_path / "memorized_layers.json").write_text("{}")
+    settings = harness.BenchmarkSettings(bench=harness.BenchmarkConfig(rules="consistentee"))
+    settings.policy = None
+    monkeypatch.setattr("consistentee.training.run.load_run_settings", lambda *a: (settings.data, settings.model))
+    with pytest.raises(ValueError, match="leave consistentee out of --rules"):
+        harness.run_benchmark(tmp_path, settings, device="cpu", progress=False, log=lambda *_: None)
