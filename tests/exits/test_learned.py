@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from consistentee.data.tokenize import DataCollator, EncodedSplit
+from consistentee.evaluation.tables import ExitTables
 from consistentee.exits.learned import (
     LearnedExitHeads,
     LearnedHeadConfig,
-    PooledCache,
     cache_pooled_states,
     train_learned_heads,
 )
@@ -47,7 +47,7 @@ def test_load_refuses_what_is_not_a_heads_directory(tmp_path):
         LearnedHeadConfig(epochs=0)
 
 
-def _synthetic_cache(n=400, layers=3, d=6, seed=0) -> PooledCache:
+def _synthetic_cache(n=400, layers=3, d=6, seed=0) -> ExitTables:
     """Exit l is right exactly when feature l of the pooled state is positive."""
     g = torch.Generator().manual_seed(seed)
     pooled = torch.randn(n, layers, d, generator=g)
@@ -55,7 +55,8 @@ def _synthetic_cache(n=400, layers=3, d=6, seed=0) -> PooledCache:
     right = pooled[:, torch.arange(layers), torch.arange(layers)] > 0  # [n, L]
     pred = torch.where(right, labels.unsqueeze(1), 1 - labels.unsqueeze(1))
     probs = torch.nn.functional.one_hot(pred, 2).float() * 0.8 + 0.1
-    return PooledCache(pooled, probs, torch.zeros(n, layers - 1), labels, torch.full((n,), 5))
+    return ExitTables(probs=probs, policy_probs=torch.zeros(n, layers - 1), labels=labels,
+                      seq_lens=torch.full((n,), 5), pooled=pooled)
 
 
 def test_training_on_cached_states_learns_which_exit_is_right():

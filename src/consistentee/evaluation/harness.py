@@ -273,7 +273,7 @@ class EvalTables:
 
     @classmethod
     def from_cache(cls, cache, heads=None) -> EvalTables:
-        """From a :class:`~consistentee.exits.learned.PooledCache` (+ learned heads scored on its states)."""
+        """From a :class:`~consistentee.evaluation.tables.ExitTables` with pooled states (+ learned heads scored on its states)."""
         learned = None
         if heads is not None:
             with torch.inference_mode():

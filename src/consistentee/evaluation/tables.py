@@ -23,6 +23,8 @@ class ExitTables:
     labels: torch.Tensor | None
     #: [N] number of real tokens of each example (for FLOPs).
     seq_lens: torch.Tensor
+    #: [N, L, d] pooled state after every layer (only when collected with ``return_pooled=True``).
+    pooled: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -32,10 +34,14 @@ class ExitTables:
         """[N, L] argmax of every exit."""
         return self.probs.argmax(dim=-1)
 
-    def per_exit_accuracy(self) -> list[float]:
+    def correct(self) -> torch.Tensor:
+        """[N, L] float: 1 where exit l's argmax is the gold label."""
         if self.labels is None:
             raise ValueError("the split has no labels")
-        return (self.predictions() == self.labels.unsqueeze(1)).float().mean(dim=0).tolist()
+        return (self.predictions() == self.labels.unsqueeze(1)).float()
+
+    def per_exit_accuracy(self) -> list[float]:
+        return self.correct().mean(dim=0).tolist()
 
 
 @torch.inference_mode()
@@ -48,12 +54,14 @@ def collect_exit_tables(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "exits",
+    return_pooled: bool = False,
 ) -> ExitTables:
-    """Run ``model`` at full depth over ``dataset`` (items carry an ``index``) in eval mode."""
+    """Run ``model`` at full depth over ``dataset`` (items carry an ``index``) in eval mode; with
+    ``return_pooled`` also keep the pooled state after every layer (what learned exit heads train on)."""
     was_training = model.training
     model.eval()
     n = len(dataset)
-    probs = policy = labels = None
+    probs = policy = labels = pooled = None
     seq_lens = torch.zeros(n, dtype=torch.long)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
@@ -62,6 +70,7 @@ def collect_exit_tables(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
+            return_pooled=return_pooled,
         )
         p = out.exit_logits.float().softmax(-1).cpu()
         q = out.policy_logits.float().sigmoid().cpu()
@@ -70,11 +79,15 @@ def collect_exit_tables(
             policy = torch.zeros(n, q.shape[1])
             if "labels" in batch:
                 labels = torch.full((n,), -1, dtype=torch.long)
+            if return_pooled:
+                pooled = torch.zeros(n, *out.pooled.shape[1:])
         probs[index], policy[index] = p, q
+        if return_pooled:
+            pooled[index] = out.pooled.float().cpu()
         seq_lens[index] = batch["attention_mask"].sum(1).cpu()
         if labels is not None:
             labels[index] = batch["labels"]
     model.train(was_training)
     if probs is None:
         raise ValueError("cannot evaluate an empty split")
-    return ExitTables(probs=probs, policy_probs=policy, labels=labels, seq_lens=seq_lens)
+    return ExitTables(probs=probs, policy_probs=policy, labels=labels, seq_lens=seq_lens, pooled=pooled)

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from consistentee.evaluation.tables import ExitTables, collect_exit_tables
 from consistentee.utils.io import atomic_directory
 
 __all__ = [
     "LearnedExitHeads",
     "LearnedHeadConfig",
-    "PooledCache",
     "cache_pooled_states",
     "train_learned_heads",
 ]
@@ -150,29 +150,6 @@ class LearnedExitHeads(nn.Module):
         return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 
 
-@dataclass
-class PooledCache:
-    """One eval-mode full-depth pass of a multi-exit model over a dataset, in row order."""
-
-    #: [N, L, d] pooled state after every layer.
-    pooled: torch.Tensor
-    #: [N, L, C] softmax of every exit.
-    probs: torch.Tensor
-    #: [N, L-1] sigmoid of every policy.
-    policy_probs: torch.Tensor
-    #: [N] gold labels, or None for unlabelled data.
-    labels: torch.Tensor | None
-    #: [N] real tokens of every row.
-    seq_lens: torch.Tensor
-
-    def correct(self) -> torch.Tensor:
-        """[N, L] float: 1 where exit l's argmax is the gold label (the heads' targets)."""
-        if self.labels is None:
-            raise ValueError("the data has no labels: learned exit heads need labelled training data")
-        return (self.probs.argmax(-1) == self.labels.unsqueeze(1)).float()
-
-
-@torch.inference_mode()
 def cache_pooled_states(
     model,
     dataset: Dataset,
@@ -182,43 +159,14 @@ def cache_pooled_states(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "pooled states",
-) -> PooledCache:
-    """Run ``model`` (an EarlyExitForSequenceClassification) in eval mode over ``dataset``, keeping pooled states."""
+) -> ExitTables:
+    """One eval-mode full-depth pass of ``model`` over ``dataset`` that keeps the pooled states."""
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n = len(dataset)
-    if n == 0:
+    if len(dataset) == 0:
         raise ValueError("cannot cache pooled states of an empty dataset")
-    pooled = probs = policy = labels = None
-    seq_lens = torch.zeros(n, dtype=torch.long)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    try:
-        for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
-            index = batch["index"]
-            out = model(
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
-                return_pooled=True,
-            )
-            h = out.pooled.float().cpu()
-            p = out.exit_logits.float().softmax(-1).cpu()
-            q = out.policy_logits.float().sigmoid().cpu()
-            if pooled is None:
-                pooled = torch.zeros(n, *h.shape[1:])
-                probs = torch.zeros(n, *p.shape[1:])
-                policy = torch.zeros(n, q.shape[1])
-                if "labels" in batch:
-                    labels = torch.full((n,), -1, dtype=torch.long)
-            pooled[index], probs[index], policy[index] = h, p, q
-            seq_lens[index] = batch["attention_mask"].sum(1).cpu()
-            if labels is not None:
-                labels[index] = batch["labels"]
-    finally:
-        model.train(was_training)
-    return PooledCache(pooled=pooled, probs=probs, policy_probs=policy, labels=labels, seq_lens=seq_lens)
+    return collect_exit_tables(model, dataset, collate, batch_size=batch_size, device=device, progress=progress,
+                               desc=desc, return_pooled=True)
 
 
 def train_learned_heads(
@@ -227,7 +175,7 @@ def train_learned_heads(
     collate,
     cfg: LearnedHeadConfig | None = None,
     *,
-    cache: PooledCache | None = None,
+    cache: ExitTables | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     log=None,
