@@ -16,10 +16,6 @@ reported too. Results go to ``--out`` as results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,14 +23,8 @@ from pathlib import Path
 
 import torch
 
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -42,21 +32,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def environment(device: torch.device) -> dict:
+def engine_environment(device: torch.device) -> dict:
     import transformers
 
-    info = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-    }
+    info = {**common.environment(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -105,20 +85,10 @@ def run_full(model, batches, device, dtype) -> tuple[list[float], torch.Tensor]:
 
 
 def benchmark(args: argparse.Namespace) -> dict:
-    from consistentee.data import load_splits
-    from consistentee.inference import EarlyExitPredictor, parse_knob
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    predictor = EarlyExitPredictor.from_pretrained(
-        args.model, rule=args.rule, knob=parse_knob(args.rule, args.knob), device=args.device,
-        learned_heads_dir=args.learned_heads, policy_model_dir=args.policy_model_dir, trim=not args.no_trim,
-        autocast_dtype=None if args.dtype == "none" else args.dtype,
-    )
-    model, device = predictor.model, predictor.device
     dtype = None if args.dtype == "none" else args.dtype
-    splits = load_splits(args.dataset, seed=args.data_seed)
-    split = getattr(splits, args.split)
+    predictor = common.load_predictor(args, trim=not args.no_trim, autocast_dtype=dtype)
+    model, device = predictor.model, predictor.device
+    split = common.load_split(args)
     if args.max_examples is not None and args.max_examples < len(split):
         split = split.select(list(range(args.max_examples)))
     items = list(zip(split.texts, split.text_pairs, strict=True)) if split.is_pair else list(split.texts)
@@ -127,7 +97,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     gold = torch.tensor([names.index(lab) if lab in names else -1 for lab in split.labels])
     engine = predictor.engine()
     num_layers = model.num_layers
-    env = environment(device)
+    env = engine_environment(device)
     settings = {
         "model": str(args.model), "rule": repr(engine.rule), "dataset": args.dataset, "split": args.split,
         "examples": len(features), "max_length": args.max_length, "batch_sizes": args.batch_sizes,
@@ -161,10 +131,10 @@ def benchmark(args: argparse.Namespace) -> dict:
             t_engine, t_full = sum(result["engine"]["latencies"]), sum(result["full"]["latencies"])
             per_round.append({
                 "engine_throughput": n / t_engine, "full_throughput": n / t_full, "speedup": t_full / t_engine,
-                "engine_p50": _percentile(result["engine"]["latencies"], 50),
-                "engine_p99": _percentile(result["engine"]["latencies"], 99),
-                "full_p50": _percentile(result["full"]["latencies"], 50),
-                "full_p99": _percentile(result["full"]["latencies"], 99),
+                "engine_p50": common.percentile(result["engine"]["latencies"], 50),
+                "engine_p99": common.percentile(result["engine"]["latencies"], 99),
+                "full_p50": common.percentile(result["full"]["latencies"], 50),
+                "full_p99": common.percentile(result["full"]["latencies"], 99),
             })
         med = {key: statistics.median(p[key] for p in per_round) for key in per_round[0]}
         layers = rounds[0]["engine"]["layers"]
@@ -227,14 +197,7 @@ def to_markdown(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory or run directory")
-    parser.add_argument("--policy-model-dir", default=None, help="model directory inside the run directory")
-    parser.add_argument("--learned-heads", default=None, help="learned exit heads directory (rule 'learned')")
-    parser.add_argument("--rule", default="entropy", help="exit rule")
-    parser.add_argument("--knob", default=None, help="the rule's knob (default: the rule's default)")
-    parser.add_argument("--dataset", default="rt-snippets", help="built-in dataset or data file")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the dataset's splits")
-    parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    common.add_model_options(parser)
     parser.add_argument("--max-examples", type=int, default=None, help="use the first N examples only")
     parser.add_argument("--max-length", type=int, default=64, help="tokens per example (truncated)")
     parser.add_argument("--batch-sizes", default="1,8,32,128", help="comma-separated batch sizes")
@@ -256,15 +219,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.offline()
     args = parse_args(argv)
     report = benchmark(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(to_markdown(report), encoding="utf-8")
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    common.write_results(args.out, report, to_markdown(report))
     return 0
 
 

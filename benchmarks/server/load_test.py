@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -29,14 +27,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q / 100.0
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+import common  # noqa: E402
 
 
 def _free_port() -> int:
@@ -130,10 +122,7 @@ def _metric(text: str, name: str) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from consistentee.data import load_splits
-    from consistentee.inference import EarlyExitPredictor, parse_knob
-
-    split = getattr(load_splits(args.dataset, seed=args.data_seed), args.split)
+    split = common.load_split(args)
     pool = list(split.texts)
     texts = [pool[i % len(pool)] for i in range(args.requests)]
     port = args.port or _free_port()
@@ -159,14 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     statuses = Counter(str(r["status"]) for _, r in done)
     latencies = [r["latency"] for _, r in ok]
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    predictor = EarlyExitPredictor.from_pretrained(
-        args.model, rule=args.rule, knob=parse_knob(args.rule, args.knob), device=args.device,
-        policy_model_dir=args.policy_model_dir, learned_heads_dir=args.learned_heads,
-    )
+    predictor = common.load_predictor(args)
     unique = sorted({texts[i] for i, _ in ok})
     offline = dict(zip(unique, predictor.predict(unique, batch_size=32, max_length=args.max_length,
                                                  truncation=True), strict=True))
@@ -175,11 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     metrics = fired["metrics"]
     batches = _metric(metrics, "consistentee_batches_total")
     report = {
-        "environment": {
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        },
+        "environment": common.environment(),
         "settings": {k: v for k, v in vars(args).items()},
         "requests_planned": args.requests,
         "requests_sent": len(done),
@@ -189,8 +167,8 @@ def run(args: argparse.Namespace) -> dict:
         "error_examples": sorted({str(r["error"]) for _, r in done if r["status"] != 200})[:5],
         "label_mismatches": label_mismatch,
         "exit_layer_mismatches": exit_mismatch,
-        "latency_p50_ms": 1000 * _percentile(latencies, 50),
-        "latency_p99_ms": 1000 * _percentile(latencies, 99),
+        "latency_p50_ms": 1000 * common.percentile(latencies, 50),
+        "latency_p99_ms": 1000 * common.percentile(latencies, 99),
         "latency_mean_ms": 1000 * statistics.mean(latencies) if latencies else None,
         "throughput_rps": len(ok) / fired["wall"] if fired["wall"] > 0 else None,
         "wall_seconds": fired["wall"],
@@ -227,14 +205,7 @@ def to_markdown(report: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model directory or run directory")
-    parser.add_argument("--policy-model-dir", default=None, help="model directory inside the run directory")
-    parser.add_argument("--learned-heads", default=None, help="learned exit heads directory (rule 'learned')")
-    parser.add_argument("--rule", default="entropy", help="exit rule")
-    parser.add_argument("--knob", default=None, help="the rule's knob")
-    parser.add_argument("--dataset", default="rt-snippets", help="built-in dataset or data file (texts to send)")
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    common.add_model_options(parser)
     parser.add_argument("--requests", type=int, default=5000, help="requests to send (one text each)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long")
@@ -255,16 +226,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.offline()
     args = parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    (out / "results.md").write_text(to_markdown(report), encoding="utf-8")
     print(to_markdown(report))
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    common.write_results(args.out, report, to_markdown(report))
     return 0 if report["succeeded"] == report["requests_sent"] else 1
 
 

@@ -38,6 +38,7 @@ def _stand_in_sweep(calls: list):
                 p.data = torch.randn(p.shape, generator=g)
             out[beta] = Path(run_dir) / "policies" / f"beta-{beta:g}" / "model"
             model.save_pretrained(out[beta], tokenizer=AutoTokenizer.from_pretrained(stage1))
+            (out[beta].parent / "progress.json").write_text('{"complete": true}')
         return out
 
     return sweep
@@ -47,15 +48,26 @@ def test_options_are_generated_from_the_configs_without_clashes():
     args = _parser().parse_args(["benchmark", "--run-dir", "r", "--epochs", "3", "--learned-epochs", "7",
                                  "--betas", "0.1,0.2", "--wall-examples", "none", "--rules", "entropy"])
     settings = benchmark.settings_from_args(args)
-    assert settings.stage1.epochs == 3 and settings.learned.epochs == 7
+    assert settings.stage1.epochs == 3 and settings.learned.learned_epochs == 7
     assert settings.bench.beta_values() == [0.1, 0.2] and settings.bench.wall_examples is None
-    if harness._policy_config_class() is not None:
-        # policy options keep their own names, except those stage 1 already has (then --policy-*)
-        args = _parser().parse_args(["benchmark", "--run-dir", "r", "--rollouts", "4", "--policy-seed", "3",
-                                     "--seed", "5"])
-        settings = benchmark.settings_from_args(args)
-        assert settings.policy.rollouts == 4 and settings.policy.seed == 3 and settings.stage1.seed == 5
-        assert settings.learned.seed == 0
+    # policy options are those of `consistentee train`: their own names, and one option for a setting that
+    # stage 1 has too (--seed sets both seeds); the learned heads keep their own --learned-seed
+    args = _parser().parse_args(["benchmark", "--run-dir", "r", "--rollouts", "4", "--seed", "5"])
+    settings = benchmark.settings_from_args(args)
+    assert settings.policy.rollouts == 4 and settings.policy.seed == 5 and settings.stage1.seed == 5
+    assert settings.learned.learned_seed == 0
+
+
+def test_training_options_are_the_same_as_train():
+    from consistentee.cli.main import build_parser
+
+    def options(parser: argparse.ArgumentParser, verb: str) -> set[str]:
+        verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {flag for action in verbs.choices[verb]._actions for flag in action.option_strings}
+
+    train = options(build_parser(), "train") - {"--beta", "--betas"}
+    assert train <= options(_parser(), "benchmark")
+    assert "--policy-seed" not in options(_parser(), "benchmark")
 
 
 def test_demo_verb_runs_the_demo_settings(monkeypatch):
@@ -72,7 +84,7 @@ def test_demo_verb_runs_the_demo_settings(monkeypatch):
 
 def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, monkeypatch, capsys):
     calls: list = []
-    monkeypatch.setattr(harness, "_run_beta_sweep", _stand_in_sweep(calls))
+    monkeypatch.setattr(harness, "run_beta_sweep", _stand_in_sweep(calls))
     run_dir = tmp_path / "run"
     common = ["benchmark", "--run-dir", str(run_dir), "--dataset", tiny_csv, "--id-column", "id",
               "--max-length", "16", "--model", tiny_encoder_dir, "--pooling", "mean", "--epochs", "1",
@@ -126,19 +138,3 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     # the same run directory with other data settings is refused, not silently mixed
     with pytest.raises(ValueError, match="other settings.*max_length"):
         benchmark.run(_parser().parse_args([*common, "--max-length", "20", "--rules", "entropy"]))
-
-
-def test_consistentee_without_policy_training_is_a_clear_error(tmp_path, monkeypatch):
-    """Without PolicyConfig (policy training not installed) the consistentee rule stops with a clear message."""
-
-    class FakeModel:
-        num_layers = 3
-
-    monkeypatch.setattr("consistentee.training.run.run_stage1", lambda *a, **k: None)
-    monkeypatch.setattr("consistentee.training.run.load_run_model", lambda *a, **k: (FakeModel(), None))
-    (tmp_path / "memorized_layers.json").write_text("{}")
-    settings = harness.BenchmarkSettings(bench=harness.BenchmarkConfig(rules="consistentee"))
-    settings.policy = None
-    monkeypatch.setattr("consistentee.training.run.load_run_settings", lambda *a: (settings.data, settings.model))
-    with pytest.raises(ValueError, match="leave consistentee out of --rules"):
-        harness.run_benchmark(tmp_path, settings, device="cpu", progress=False, log=lambda *_: None)

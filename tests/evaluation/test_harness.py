@@ -1,4 +1,5 @@
-"""The harness's pure parts on hand-made tables: sweeps, summaries, dev selection, FLOPs kwargs, timing."""
+"""The harness's pure parts on hand-made tables: sweeps, summaries, dev selection, FLOPs kwargs, timing
+(``evaluation.sweep``, ``evaluation.summary``, ``evaluation.wallclock``), and the benchmark settings."""
 
 from __future__ import annotations
 
@@ -8,24 +9,20 @@ import pytest
 import torch
 
 from consistentee.evaluation.flops import EncoderShape
-from consistentee.evaluation.harness import (
-    BenchmarkConfig,
+from consistentee.evaluation.harness import BenchmarkConfig, demo_settings
+from consistentee.evaluation.summary import auc_x_range, oracle_gap, select_wall_points, summarize_method
+from consistentee.evaluation.sweep import (
     EvalTables,
     FlopsSpec,
     PointResult,
-    _knob_value,
-    auc_x_range,
     build_candidates,
-    demo_settings,
+    knob_from_json,
     knob_label,
     knob_to_json,
-    measure_wall_clock,
-    oracle_gap,
     rule_flops_kwargs,
-    select_wall_points,
-    summarize_method,
     sweep,
 )
+from consistentee.evaluation.wallclock import measure_wall_clock
 
 # 4 examples, 3 layers, 2 classes; labels 0, 1, 1, 0
 P = torch.tensor([
@@ -69,7 +66,7 @@ def test_entropy_sweep_and_knob_forms():
     assert points[0].test["flops_speedup"] is None  # no FLOPs spec given
     pcee = build_candidates("pcee", t, t)
     assert pcee[0].knob == {"t": 1, "S": pytest.approx(0.05 * math.log(2), abs=1e-6)}
-    assert _knob_value("pcee", pcee[0].knob) == (1, pcee[0].knob["S"])
+    assert knob_from_json("pcee", pcee[0].knob) == (1, pcee[0].knob["S"])
     assert knob_to_json("patience", 3) == 3 and knob_to_json("confidence", 0.9) == 0.9
     assert knob_to_json("oracle", None) is None
     assert knob_label("pcee", {"t": 2, "S": 0.5}) == "t=2, S=0.5" and knob_label("entropy", 0.25) == "S=0.25"
@@ -198,5 +195,6 @@ def test_benchmark_config_validation_and_demo_settings():
         BenchmarkConfig(thresholds="1.5")
     demo = demo_settings()
     assert demo.data.dataset == "rt-snippets" and demo.model.model == "minilm"
-    assert demo.stage1.epochs == 1 and len(demo.bench.beta_values()) == 2
+    assert demo.stage1.epochs == 1 and demo.bench.beta_values() == [0.05, 0.1, 0.15]
+    assert demo.policy.joint_epochs == 0 and demo.data.max_train_examples == 3000
     assert demo.to_json()["bench"]["wall_batch_size"] == 32

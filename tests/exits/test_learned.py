@@ -44,7 +44,7 @@ def test_load_refuses_what_is_not_a_heads_directory(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         LearnedExitHeads(0, 3)
     with pytest.raises(ValueError, match="epochs"):
-        LearnedHeadConfig(epochs=0)
+        LearnedHeadConfig(learned_epochs=0)
 
 
 def _synthetic_cache(n=400, layers=3, d=6, seed=0) -> ExitTables:
@@ -62,7 +62,7 @@ def _synthetic_cache(n=400, layers=3, d=6, seed=0) -> ExitTables:
 def test_training_on_cached_states_learns_which_exit_is_right():
     cache = _synthetic_cache()
     assert cache.correct().shape == (400, 3)
-    cfg = LearnedHeadConfig(epochs=15, batch_size=100, learning_rate=0.1, seed=1)
+    cfg = LearnedHeadConfig(learned_epochs=15, learned_batch_size=100, learned_learning_rate=0.1, learned_seed=1)
     heads = train_learned_heads(None, None, None, cfg, cache=cache, device="cpu", progress=False)
     assert heads.history[-1] < heads.history[0] and not heads.training
     scores = heads.score_all(cache.pooled)
@@ -98,6 +98,7 @@ def test_cache_and_training_keep_the_model_frozen(tiny_encoder_dir):
         out = model(batch["input_ids"], batch["attention_mask"], return_pooled=True)
     assert torch.allclose(out.pooled, cache.pooled, atol=1e-5)
     assert torch.allclose(out.exit_logits.softmax(-1), cache.probs, atol=1e-5)
-    heads = train_learned_heads(model, data, collate, LearnedHeadConfig(epochs=2, batch_size=4), progress=False)
+    heads = train_learned_heads(model, data, collate, LearnedHeadConfig(learned_epochs=2, learned_batch_size=4),
+                                progress=False)
     assert heads.num_layers == 3 and heads.hidden_size == 32
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

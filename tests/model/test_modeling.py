@@ -102,3 +102,22 @@ def test_config_validation():
 def test_the_builtin_sentence_encoder_pools_by_mean_as_it_was_trained():
     model = EarlyExitForSequenceClassification.from_backbone("minilm", ["a", "b"])
     assert model.config.pooling == "mean" and model.num_layers == 6
+
+
+def test_policies_can_also_read_the_exit_classifier_confidence(tiny_encoder_dir, tmp_path):
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, LABELS, pooling="mean").eval()
+    model.reset_policies("state+confidence", 16)
+    assert model.policies[0].net[0].in_features == 32 + 3
+    pooled = torch.randn(4, 32)
+    features = model.confidence_features(0, pooled)
+    probs = model.exits[0](pooled).softmax(-1)
+    assert torch.allclose(features[:, 0], probs.max(-1).values)
+    assert torch.all((features[:, 1] >= 0) & (features[:, 1] <= 1))
+    batch = _batch(tiny_encoder_dir)
+    before = model(**batch).policy_logits
+    model.save_pretrained(tmp_path / "m")
+    loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert loaded.config.policy_features == "state+confidence" and loaded.config.policy_hidden_size == 16
+    assert torch.equal(before, loaded(**batch).policy_logits)
+    with pytest.raises(ModelFormatError, match="policy features"):
+        EarlyExitConfig(backbone={}, label_names=["a", "b"], policy_features="logits")

@@ -172,3 +172,11 @@ def test_joint_rounds_and_sweep_write_one_model_per_beta(hardness_run):
         _, data = load_run_model(hardness_run, device="cpu")
         result = evaluate_policy(model, data, "dev")
         assert 1.0 <= result["mean_exit_layer"] <= 3.0
+
+
+def test_a_beta_trained_with_other_settings_is_not_silently_reused(hardness_run):
+    cfg = PolicyConfig(beta=0.7, rollouts=2, policy_epochs=1, joint_epochs=0, policy_batch_size=32, seed=0)
+    train_policy(hardness_run, cfg, device="cpu", progress=False, log=lambda *_: None)
+    other = PolicyConfig(**{**cfg.__dict__, "policy_features": "state+confidence"})
+    with pytest.raises(ValueError, match="other settings .*policy_features"):
+        train_policy(hardness_run, other, device="cpu", progress=False, log=lambda *_: None)

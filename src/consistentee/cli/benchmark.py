@@ -12,11 +12,15 @@ import dataclasses
 import os
 import shlex
 import sys
-import typing
 from pathlib import Path
-from typing import Any
 
-from consistentee.cli.options import _base_type, _none_or, add_dataclass_options, dataclass_from_args
+from consistentee.cli.options import add_dataclass_options, dataclass_from_args
+from consistentee.evaluation.harness import BenchmarkConfig, BenchmarkSettings, demo_settings, run_benchmark
+from consistentee.evaluation.report import summary_table
+from consistentee.exits.learned import LearnedHeadConfig
+from consistentee.training.policy import PolicyConfig
+from consistentee.training.run import DataConfig, ModelConfig
+from consistentee.training.stage1 import Stage1Config
 
 __all__ = ["add_demo_parser", "add_parser", "run", "run_demo", "run_settings", "settings_from_args"]
 
@@ -30,99 +34,39 @@ Writes report.json, report.md and PNG plots to --out-dir (default RUN_DIR/report
 """
 
 
-def _add_config_options(parser: argparse.ArgumentParser, group, cls: type, prefix: str, *,
-                        always_prefix: bool = False, skip: tuple[str, ...] = ()) -> None:
-    """Options of a settings dataclass whose field names may clash with options already on ``parser``.
-
-    A field gets its plain flag (``--rollouts``, dest ``rollouts``) when no option has it yet, else (or with
-    ``always_prefix``) ``--PREFIX-NAME`` with dest ``PREFIX_NAME`` (``--policy-seed``, ``--learned-epochs``).
-    Which dest holds which field is remembered on the parser for :func:`_config_from_args`.
-    """
-    hints = typing.get_type_hints(cls)
-    dests: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip or not f.init or "help" not in f.metadata:
-            continue
-        kind, optional = _base_type(hints[f.name])
-        if kind not in (int, float, str, bool):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        plain = "--" + f.name.replace("_", "-")
-        if always_prefix or plain in parser._option_string_actions:
-            flag, dest = f"--{prefix}-{f.name.replace('_', '-')}", f"{prefix}_{f.name}"
-        else:
-            flag, dest = plain, f.name
-        dests[f.name] = dest
-        extra: dict[str, Any] = {}
-        if "choices" in f.metadata:
-            extra["choices"] = f.metadata["choices"]
-        if kind is bool:
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
-                               help=f.metadata["help"])
-        else:
-            group.add_argument(flag, dest=dest, type=_none_or(kind) if optional else kind, default=default,
-                               metavar=f.metadata.get("metavar", kind.__name__.upper()), help=f.metadata["help"],
-                               **extra)
-    parser.set_defaults(**{f"_{prefix}_dests": dests})
-
-
-def _config_from_args(cls: type, args: argparse.Namespace, prefix: str) -> Any:
-    dests = getattr(args, f"_{prefix}_dests", None) or {}
-    return cls(**{name: getattr(args, dest) for name, dest in dests.items() if hasattr(args, dest)})
-
-
-def _main_helpers():
-    """``(formatter, common options, --config option)`` of ``cli/main.py`` (imported late: main imports us)."""
-    from consistentee.cli import main
-
-    common = getattr(main, "common_options", None) or main._common
-    return main._Formatter, common, getattr(main, "_config_option", None)
-
-
 def add_parser(verbs) -> argparse.ArgumentParser:
-    """Add the ``benchmark`` verb to ``verbs`` (the sub-parsers of ``consistentee``)."""
-    from consistentee.evaluation.harness import BenchmarkConfig, _policy_config_class
-    from consistentee.exits.learned import LearnedHeadConfig
-    from consistentee.training.run import DataConfig, ModelConfig
-    from consistentee.training.stage1 import Stage1Config
+    """Add the ``benchmark`` verb to ``verbs`` (the sub-parsers of ``consistentee``).
 
-    formatter, common, config_option = _main_helpers()
+    The training options are those of ``consistentee train``, generated the same way: an option that two
+    configurations share (``--seed``, ``--checkpoint-every``, ...) sets both.
+    """
+    from consistentee.cli.main import _config_option, _Formatter, common_options  # main imports this module
+
     parser = verbs.add_parser(
-        "benchmark", formatter_class=formatter,
+        "benchmark", formatter_class=_Formatter,
         help="compare every exit rule on one trained model: report.json, report.md and plots",
         description=DESCRIPTION,
     )
     parser.add_argument("--run-dir", required=True, help="directory for everything the run trains and writes")
-    if config_option is not None:
-        config_option(parser)
+    _config_option(parser)
     add_dataclass_options(parser.add_argument_group("data"), DataConfig)
     add_dataclass_options(parser.add_argument_group("model"), ModelConfig)
     add_dataclass_options(parser.add_argument_group("stage 1"), Stage1Config)
     add_dataclass_options(parser.add_argument_group("benchmark"), BenchmarkConfig)
-    _add_config_options(parser, parser.add_argument_group("learned exit heads"), LearnedHeadConfig, "learned",
-                        always_prefix=True)
-    policy_cls = _policy_config_class()
-    if policy_cls is not None:
-        _add_config_options(parser, parser.add_argument_group(
-            "ConsistentEE policy (one model per --betas value; options shared with stage 1 are --policy-*)"),
-            policy_cls, "policy", skip=("beta",))
-    common(parser)
+    add_dataclass_options(parser.add_argument_group("learned exit heads"), LearnedHeadConfig)
+    add_dataclass_options(parser.add_argument_group("ConsistentEE policy (one model per --betas value)"),
+                          PolicyConfig, skip=("beta",))
+    common_options(parser)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace):
-    from consistentee.evaluation.harness import BenchmarkConfig, BenchmarkSettings, _policy_config_class
-    from consistentee.exits.learned import LearnedHeadConfig
-    from consistentee.training.run import DataConfig, ModelConfig
-    from consistentee.training.stage1 import Stage1Config
-
-    policy_cls = _policy_config_class()
+def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
     return BenchmarkSettings(
         data=dataclass_from_args(DataConfig, args),
         model=dataclass_from_args(ModelConfig, args),
         stage1=dataclass_from_args(Stage1Config, args),
-        learned=_config_from_args(LearnedHeadConfig, args, "learned"),
-        policy=None if policy_cls is None else _config_from_args(policy_cls, args, "policy"),
+        learned=dataclass_from_args(LearnedHeadConfig, args),
+        policy=dataclass_from_args(PolicyConfig, args),
         bench=dataclass_from_args(BenchmarkConfig, args),
     )
 
@@ -132,12 +76,9 @@ def _command_line() -> str:
         else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def run_settings(run_dir: str | os.PathLike, settings, *, device: str = "auto", progress: bool = True,
-                 command: str | None = None, log=print) -> int:
+def run_settings(run_dir: str | os.PathLike, settings: BenchmarkSettings, *, device: str = "auto",
+                 progress: bool = True, command: str | None = None, log=print) -> int:
     """Run the benchmark with ``settings``, print the summary table and where everything is."""
-    from consistentee.evaluation.harness import run_benchmark
-    from consistentee.evaluation.report import summary_table
-
     report = run_benchmark(run_dir, settings, device=device, progress=progress, log=log,
                            command=command or _command_line())
     out_dir = Path(report["out_dir"]).resolve()
@@ -160,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_demo_parser(verbs) -> argparse.ArgumentParser:
     """Add the ``demo`` verb (``make demo``): the benchmark at :func:`~consistentee.evaluation.harness.demo_settings`."""
-    formatter, common, _ = _main_helpers()
+    from consistentee.cli.main import _Formatter, common_options  # main imports this module
+
     parser = verbs.add_parser(
-        "demo", formatter_class=formatter, help="the benchmark on rt-snippets with the built-in MiniLM (make demo)",
+        "demo", formatter_class=_Formatter, help="the benchmark on rt-snippets with the built-in MiniLM (make demo)",
         description="The benchmark at a size that finishes in about 20 minutes on 2 CPU cores: rt-snippets, the "
                     "built-in MiniLM, a training subset, every exit rule and two ConsistentEE betas. Prints the "
                     "summary table and where the report and plots are. Re-running reuses what --run-dir holds.",
@@ -171,14 +113,12 @@ def add_demo_parser(verbs) -> argparse.ArgumentParser:
     parser.add_argument("--max-train-examples", type=int, default=None,
                         help="override the demo's training subset (none: the demo's own size)")
     parser.add_argument("--betas", default=None, help="override the demo's ConsistentEE betas (comma-separated)")
-    common(parser)
+    common_options(parser)
     return parser
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run ``consistentee demo`` (missing attributes fall back to the demo's defaults)."""
-    from consistentee.evaluation.harness import demo_settings
-
     overrides = {"betas": args.betas} if getattr(args, "betas", None) else {}
     settings = demo_settings(**overrides)
     limit = getattr(args, "max_train_examples", None)

@@ -9,6 +9,8 @@
     demo      the benchmark on the built-in MiniLM and rt-snippets (what `make demo` runs)
     predict   batched early-exit predictions for a file or stdin (JSONL out)
     serve     an HTTP server with dynamic micro-batching
+    generate  text generation with per-token early exit (decoder-only LMs)
+    benchmark-lm  decoder exit rules side by side: perplexity, ROUGE, tokens/s
 
 Every verb that writes into a run directory skips what is already finished there and resumes what was
 interrupted. Errors caused by the input (a missing file, an unknown column, an invalid option value, a model
@@ -23,6 +25,7 @@ import json
 import os
 import sys
 import tomllib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +39,19 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``consistentee VERB: error: ...``) and exit status 2, like every other input error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings caused by the input, one line each, without the source line Python would show."""
+    text = " ".join(str(message).split())
+    print(f"consistentee: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="where to run: auto picks CUDA when available, else the CPU")
@@ -43,9 +59,6 @@ def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide the progress bars (shown by default)%(default).0s")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-
-
-_common = common_options  # the name the verb modules use
 
 
 def _betas(text: str) -> list[float]:
@@ -74,11 +87,11 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from consistentee.cli import benchmark, predict, serve
+    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve
     from consistentee.training.run import DataConfig, ModelConfig
     from consistentee.training.stage1 import Stage1Config
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="consistentee",
         description="Early-exit inference for transformer classifiers: ConsistentEE and its peers.",
         formatter_class=_Formatter,
@@ -143,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_demo_parser(verbs)
     predict.add_parser(verbs)
     serve.add_parser(verbs)
+    generate.add_parser(verbs)
+    benchmark_lm.add_parser(verbs)
     return parser
 
 
@@ -202,8 +217,20 @@ def _run_policies(args: argparse.Namespace) -> None:
         print(f"beta {beta:g}: {path}")
 
 
+def _policy_dir(args: argparse.Namespace) -> Path:
+    from consistentee.training.policy import policy_model_dir
+
+    return policy_model_dir(args.run_dir, args.beta)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an error message (library messages can span many lines)."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return next((line.strip() for line in str(message).splitlines() if line.strip()), type(exc).__name__)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from consistentee.cli import benchmark, predict, serve
+    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve
     from consistentee.training import run
     from consistentee.training.stage1 import Stage1Config
 
@@ -225,14 +252,16 @@ def _run(args: argparse.Namespace) -> int:
     elif args.verb == "policy":
         _run_policies(args)
     elif args.verb == "evaluate":
+        if not 0 <= args.threshold <= 1:
+            raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+        if args.beta is not None and not (policy_dir := _policy_dir(args)).is_dir():
+            raise FileNotFoundError(f"{policy_dir} does not exist: no policy was trained with beta {args.beta:g}")
         run.run_evaluate(args.run_dir, args.split, device=args.device, batch_size=args.batch_size,
                          progress=args.progress)
         if args.beta is not None:
             from consistentee.model.modeling import EarlyExitForSequenceClassification
             from consistentee.training.policy import evaluate_policy, policy_model_dir
 
-            if not 0 <= args.threshold <= 1:
-                raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
             model_dir = policy_model_dir(args.run_dir, args.beta)
             model = EarlyExitForSequenceClassification.from_pretrained(model_dir)
             _, data = run.load_run_model(args.run_dir, device="cpu")
@@ -248,6 +277,10 @@ def _run(args: argparse.Namespace) -> int:
         return predict.run(args)
     elif args.verb == "serve":
         return serve.run(args)
+    elif args.verb == "generate":
+        return generate.run(args)
+    elif args.verb == "benchmark-lm":
+        return benchmark_lm.run(args)
     return 0
 
 
@@ -261,25 +294,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        parser = build_parser()
-        _apply_config(parser, argv)
-        args = parser.parse_args(argv)
-        return _run(args)
+        with warnings.catch_warnings():
+            from consistentee.data.errors import DataWarning
+
+            warnings.simplefilter("always", DataWarning)
+            if not debug:
+                warnings.showwarning = _show_warning
+            if "--no-progress" in argv:  # also the libraries' bars (e.g. "Loading weights"): stderr stays clean
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+            parser = build_parser()
+            _apply_config(parser, argv)
+            args = parser.parse_args(argv)
+            return _run(args)
     except KeyboardInterrupt:
         print("consistentee: interrupted", file=sys.stderr)
         return 130
     except _user_error_types() as exc:
         if debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"consistentee: error: {message}", file=sys.stderr)
+        print(f"consistentee: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # anything else: still one line, traceback behind --debug
         if debug:
             raise
-        text = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"consistentee: error: {type(exc).__name__}: {text} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"consistentee: error: {type(exc).__name__}: {_one_line(exc)} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,70 @@ INPUT_FORMATS = ("auto", "txt", "csv", "tsv", "json", "jsonl")
 PREDICT_RULES = tuple(sorted(name for name in RULES if name != "oracle"))
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the ``predict`` options to ``parser`` (without the common ones)."""
+# -- shared with ``consistentee serve``: the model options, the predictor, the verb and the standalone entry ---
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model, its exit rule and its precision."""
     parser.add_argument("--model", required=True,
                         help="a saved model directory (config.json, model.safetensors, tokenizer) or a run directory")
     parser.add_argument("--policy-model-dir", default=None,
                         help="inside a run directory: the model directory to use instead of stage1/model")
     parser.add_argument("--learned-heads", default=None, help="directory of learned exit heads (rule 'learned')")
+    parser.add_argument("--rule", default="consistentee", choices=PREDICT_RULES, help="exit rule")
+    parser.add_argument("--knob", default=None,
+                        help="the rule's knob (patience/static: integer, pcee: 't,S', others: a number); "
+                             "omitted: the rule's default")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="most tokens per text (default: what the model accepts)")
+    parser.add_argument("--dtype", default="none", choices=("none", "fp16", "bf16"),
+                        help="mixed precision (autocast) for the model")
+
+
+def predictor_from_args(args: argparse.Namespace):
+    """The :class:`~consistentee.inference.predictor.EarlyExitPredictor` that :func:`add_model_options` describe."""
+    from consistentee.inference.predictor import EarlyExitPredictor, parse_knob
+
+    return EarlyExitPredictor.from_pretrained(
+        args.model, rule=args.rule, knob=parse_knob(args.rule, args.knob), device=getattr(args, "device", "auto"),
+        learned_heads_dir=args.learned_heads, policy_model_dir=args.policy_model_dir, max_length=args.max_length,
+        autocast_dtype=None if args.dtype == "none" else args.dtype,
+    )
+
+
+def add_verb(verbs, name: str, help_text: str, doc: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Add verb ``name`` with the options of ``configure`` and the common ones; ``doc`` (the module docstring)
+    without its first paragraph is the description."""
+    from consistentee.cli.main import _Formatter, common_options  # main imports this module
+
+    parser = verbs.add_parser(name, formatter_class=_Formatter, help=help_text,
+                              description=doc.split("\n\n", 1)[1].strip())
+    configure(parser)
+    common_options(parser)
+    return parser
+
+
+def standalone_main(prog: str, doc: str, configure: Callable[[argparse.ArgumentParser], None],
+                    run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """``python -m consistentee.cli.VERB``: the verb's options, ``--device``, one-line errors with status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    configure(parser)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    args = parser.parse_args(argv)
+    args.progress = False
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"consistentee: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# -- the predict verb ------------------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``predict`` options to ``parser`` (without the common ones)."""
+    add_model_options(parser)
     parser.add_argument("--input", default="-", help="input file; '-' or omitted reads standard input")
     parser.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
                         help="auto: from the file suffix (.txt/.csv/.tsv/.json/.jsonl); stdin: txt, or jsonl "
@@ -36,30 +94,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default=None, help="column (CSV/TSV) or key (JSON/JSONL) with the text")
     parser.add_argument("--text-pair-column", default=None, help="column with the second text of a pair")
     parser.add_argument("--output", default=None, help="JSONL output file (written atomically); stdout if omitted")
-    parser.add_argument("--rule", default="consistentee", choices=PREDICT_RULES, help="exit rule")
-    parser.add_argument("--knob", default=None,
-                        help="the rule's knob (patience/static: integer, pcee: 't,S', others: a number); "
-                             "omitted: the rule's default")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per engine call")
     parser.add_argument("--sort-by-length", action="store_true", help="batch inputs of similar length together")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="most tokens per input (default: what the model accepts)")
     parser.add_argument("--truncation", action="store_true",
                         help="truncate inputs longer than --max-length instead of failing")
-    parser.add_argument("--dtype", default="none", choices=("none", "fp16", "bf16"),
-                        help="mixed precision (autocast) for the model")
 
 
 def add_parser(verbs) -> argparse.ArgumentParser:
-    from consistentee.cli.main import _common, _Formatter
-
-    parser = verbs.add_parser(
-        "predict", formatter_class=_Formatter, help="label texts with early exit (JSON lines out)",
-        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
-    )
-    configure(parser)
-    _common(parser)
-    return parser
+    return add_verb(verbs, "predict", "label texts with early exit (JSON lines out)", __doc__, configure)
 
 
 # -- reading inputs ---------------------------------------------------------------------------------
@@ -114,46 +156,57 @@ def read_inputs(
         raise ValueError(f"unknown input format {input_format!r}; choose one of {', '.join(INPUT_FORMATS)}")
     if text_pair_column is not None and text_column is None:
         raise ValueError("--text-pair-column needs --text-column")
-    if path in (None, "-"):
-        source = "<stdin>"
-        stream = stdin if stdin is not None else sys.stdin
-        raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
-        text = _decode(raw, source) if isinstance(raw, bytes) else raw
-        fmt = input_format if input_format != "auto" else ("jsonl" if text_column else "txt")
-    else:
-        file = Path(path)
-        source = str(file)
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: input file not found")
-        if file.is_dir():
-            raise ValueError(f"{file}: is a directory, expected an input file")
-        fmt = input_format
-        if fmt == "auto":
-            suffix = file.suffix.lower().lstrip(".")
-            fmt = suffix if suffix in INPUT_FORMATS else "txt"
-        try:
-            text = _decode(file.read_bytes(), source)
-        except OSError as exc:
-            raise ValueError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    text, source, fmt = _read_source(path, input_format, text_column, stdin)
     if not text.strip():
         raise ValueError(f"{source}: no input (empty)")
     if fmt == "txt":
         if text_column is not None:
             raise ValueError(f"{source}: --text-column applies to CSV/TSV/JSON/JSONL input, not plain text")
-        lines = text.splitlines()
-        while lines and not lines[-1].strip():
-            lines.pop()
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                raise ValueError(f"{source}: line {number} is empty (one text per line)")
-        return lines
+        return _lines(text, source)
+    return _records_to_items(_parse_records(text, fmt, source), source, text_column, text_pair_column)
+
+
+def _read_source(path: str | None, input_format: str, text_column: str | None, stdin) -> tuple[str, str, str]:
+    """(text, name for messages, format) of the input file, or of standard input when ``path`` is None or '-'."""
+    if path in (None, "-"):
+        source = "<stdin>"
+        stream = stdin if stdin is not None else sys.stdin
+        raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+        text = _decode(raw, source) if isinstance(raw, bytes) else raw
+        return text, source, input_format if input_format != "auto" else ("jsonl" if text_column else "txt")
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: input file not found")
+    if file.is_dir():
+        raise ValueError(f"{file}: is a directory, expected an input file")
+    fmt = input_format
+    if fmt == "auto":
+        suffix = file.suffix.lower().lstrip(".")
+        fmt = suffix if suffix in INPUT_FORMATS else "txt"
+    try:
+        return _decode(file.read_bytes(), str(file)), str(file), fmt
+    except OSError as exc:
+        raise ValueError(f"{file}: cannot read ({exc.strerror or exc})") from None
+
+
+def _lines(text: str, source: str) -> list[str]:
+    """One text per line; blank lines at the end are ignored, inside they are an error."""
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"{source}: line {number} is empty (one text per line)")
+    return lines
+
+
+def _parse_records(text: str, fmt: str, source: str) -> list[dict]:
+    """The rows of a CSV/TSV, JSON Lines or JSON (a list of objects) input."""
     if fmt in ("csv", "tsv"):
         try:
-            reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-            records = list(reader)
+            return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
         except csv.Error as exc:
             raise ValueError(f"{source}: cannot parse {fmt.upper()} ({exc})") from None
-        return _records_to_items(records, source, text_column, text_pair_column)
     if fmt == "jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -166,14 +219,14 @@ def read_inputs(
             if not isinstance(record, dict):
                 raise ValueError(f"{source}: line {number} is not a JSON object")
             records.append(record)
-        return _records_to_items(records, source, text_column, text_pair_column)
+        return records
     try:  # json
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{source}: a JSON input must be a list of objects")
-    return _records_to_items(data, source, text_column, text_pair_column)
+    return data
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -191,17 +244,13 @@ def write_results(results: list[dict], output: str | None, stdout=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistentee.inference.predictor import EarlyExitPredictor, parse_knob
+    from consistentee.inference.predictor import parse_knob
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    knob = parse_knob(args.rule, args.knob)
+    parse_knob(args.rule, args.knob)  # a bad knob fails before the input is read
     items = read_inputs(args.input, args.input_format, args.text_column, args.text_pair_column)
-    predictor = EarlyExitPredictor.from_pretrained(
-        args.model, rule=args.rule, knob=knob, device=getattr(args, "device", "auto"),
-        learned_heads_dir=args.learned_heads, policy_model_dir=args.policy_model_dir,
-        max_length=args.max_length, autocast_dtype=None if args.dtype == "none" else args.dtype,
-    )
+    predictor = predictor_from_args(args)
     results = predictor.predict(items, batch_size=args.batch_size, sort_by_length=args.sort_by_length,
                                 truncation=args.truncation, progress=getattr(args, "progress", False))
     write_results(results, args.output)
@@ -214,16 +263,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m consistentee.cli.predict``), same options as the verb."""
-    parser = argparse.ArgumentParser(prog="consistentee predict", description=__doc__)
-    configure(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    args = parser.parse_args(argv)
-    args.progress = False
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"consistentee: error: {exc}", file=sys.stderr)
-        return 2
+    return standalone_main("consistentee predict", __doc__, configure, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from consistentee.data.dataset import (
     split_by_counts,
     split_seeded,
 )
-from consistentee.data.errors import DataError, UnknownLabelError
+from consistentee.data.errors import DataError, DataWarning, UnknownLabelError
 from consistentee.data.files import (
     _is_saved_dataset,
     hf_id_prefix,
@@ -39,6 +39,7 @@ __all__ = [
     "BuiltinDataset",
     "DataCollator",
     "DataError",
+    "DataWarning",
     "DatasetSplits",
     "EncodedSplit",
     "LabelList",

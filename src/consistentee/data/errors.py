@@ -14,3 +14,7 @@ class DataError(ValueError):
 
 class UnknownLabelError(DataError):
     """A label that is not in the label list (e.g. a test label never seen in training)."""
+
+
+class DataWarning(UserWarning):
+    """Input that is used, but not as given (e.g. a text truncated to ``max_length`` tokens)."""

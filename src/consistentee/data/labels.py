@@ -42,6 +42,9 @@ def normalize_label(value: object) -> str:
     differ in how they spell numbers; normalising here keeps the label set stable across formats.
     Raises DataError for a missing (None/NaN) or empty label.
     """
+    if isinstance(value, list | tuple | dict | set | frozenset | bytes | bytearray):
+        raise DataError(f"label of the wrong type ({type(value).__name__}: {_short(value)}); a label must be a "
+                        "string or an integer")
     if _is_missing(value):
         raise DataError("missing label (None/NaN)")
     if isinstance(value, bool):
@@ -52,7 +55,10 @@ def normalize_label(value: object) -> str:
         number = float(value)
         if math.isinf(number):
             raise DataError(f"invalid label {value!r}")
-        return str(int(number)) if number.is_integer() else repr(number)
+        if not number.is_integer():
+            raise DataError(f"label of the wrong type (the non-integer number {number!r}); a label must be a string "
+                            "or an integer (consistentee classifies, it does not regress)")
+        return str(int(number))
     text = str(value).strip()
     if not text:
         raise DataError("empty label")
@@ -60,6 +66,11 @@ def normalize_label(value: object) -> str:
     if match:
         return str(int(match.group(1)))
     return text
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_number(name: str) -> float | None:

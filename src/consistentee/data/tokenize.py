@@ -7,6 +7,7 @@ Every item carries its row ``index`` so predictions can be mapped back to ids af
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from consistentee.data.dataset import TextSplit
-from consistentee.data.errors import DataError
+from consistentee.data.errors import DataError, DataWarning
 from consistentee.data.labels import LabelList
 
 _PADDED_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
@@ -57,14 +58,25 @@ def encode_split(
     tokenizer: Any,
     labels: LabelList | None,
     max_length: int,
+    *,
+    name: str = "split",
 ) -> EncodedSplit:
     """Tokenize (pairs with the tokenizer's pair encoding), truncate to ``max_length``, no padding.
 
     With ``labels`` the raw label strings are encoded to class ids (unknown ones raise
-    UnknownLabelError); without, items carry no "labels" (unlabelled inference).
+    UnknownLabelError); without, items carry no "labels" (unlabelled inference). Rows that were longer
+    than ``max_length`` tokens are truncated with one :class:`DataWarning` per split naming how many.
     """
-    if max_length < 2:
-        raise DataError(f"max_length must be at least 2, got {max_length}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
+    label_ids = labels.encode(split.labels) if labels is not None else None  # fail fast, before tokenizing
+    special = getattr(tokenizer, "num_special_tokens_to_add", None)
+    if callable(special):
+        needed = int(special(pair=split.is_pair)) + (2 if split.is_pair else 1)
+        if max_length < needed:
+            raise DataError(f"max_length={max_length} is too small: the tokenizer adds {needed - (2 if split.is_pair else 1)} "
+                            f"special tokens to each {'sentence pair' if split.is_pair else 'text'}, so at least "
+                            f"{needed} tokens are needed")
     if len(split) == 0:
         features: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": []}
     else:
@@ -76,9 +88,25 @@ def encode_split(
             padding=False,
             return_attention_mask=True,
         )
-        features = {name: [list(row) for row in encoded[name]] for name in _PADDED_FIELDS if name in encoded}
-    label_ids = labels.encode(split.labels) if labels is not None else None
+        features = {field: [list(row) for row in encoded[field]] for field in _PADDED_FIELDS if field in encoded}
+        _warn_truncated(split, tokenizer, features["input_ids"], max_length, name)
     return EncodedSplit(list(split.ids), features, label_ids)
+
+
+def _warn_truncated(split: TextSplit, tokenizer: Any, rows: list[list[int]], max_length: int, name: str) -> None:
+    """Warn about rows cut to ``max_length``: only rows that reached the limit are measured again."""
+    full = [i for i, row in enumerate(rows) if len(row) >= max_length]
+    if not full:
+        return
+    texts = [split.texts[i] for i in full]
+    pairs = [split.text_pairs[i] for i in full] if split.text_pairs is not None else None
+    lengths = [len(r) for r in tokenizer(texts, pairs, truncation=False, padding=False, verbose=False)["input_ids"]]
+    cut = [(split.ids[i], n) for i, n in zip(full, lengths, strict=True) if n > max_length]
+    if cut:
+        longest = max(cut, key=lambda item: item[1])
+        warnings.warn(DataWarning(
+            f"{name}: {len(cut)} of {len(rows)} text(s) longer than max_length={max_length} tokens were truncated "
+            f"(longest: id {longest[0]!r}, {longest[1]} tokens)"), stacklevel=3)
 
 
 def collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

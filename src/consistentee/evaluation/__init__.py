@@ -1,5 +1,7 @@
 """Evaluation math: classification metrics, speed-ups, FLOPs, trade-off curves and plots."""
 
+import importlib
+
 from .curves import (
     auc_saved_fraction,
     best_speedup_within,
@@ -20,15 +22,20 @@ from .metrics import as_numpy, classification_metrics, speedup_summary
 from .plots import layer_counts, plot_exit_histograms, plot_histogram, plot_tradeoff, save_figure
 from .report import check_report_schema, render_markdown, summary_table, write_report
 
-#: the harness pulls in torch and the exit rules: imported on first use (``from consistentee.evaluation import ...``).
-_HARNESS = ("BenchmarkConfig", "BenchmarkSettings", "demo_settings", "measure_wall_clock", "run_benchmark")
+#: the harness and the wall-clock timer pull in torch, the exit rules and the training code (which imports this
+#: package): imported on first use (``from consistentee.evaluation import ...``).
+_LAZY = {
+    "BenchmarkConfig": "harness",
+    "BenchmarkSettings": "harness",
+    "demo_settings": "harness",
+    "run_benchmark": "harness",
+    "measure_wall_clock": "wallclock",
+}
 
 
 def __getattr__(name: str):
-    if name in _HARNESS:
-        from . import harness
-
-        return getattr(harness, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

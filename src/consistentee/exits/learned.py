@@ -46,26 +46,31 @@ FORMAT = "consistentee-learned-exit-heads"
 
 @dataclass
 class LearnedHeadConfig:
-    """Settings of the learned exit heads (CLI options of ``consistentee benchmark``, prefix ``--learned-``)."""
+    """Settings of the learned exit heads (the ``--learned-*`` options of ``consistentee benchmark``).
 
-    hidden: int = field(default=0, metadata={"help": "hidden width of each head: 0 = Linear(d -> 1), else d -> h -> 1 MLP"})
-    epochs: int = field(default=5, metadata={"help": "epochs over the cached pooled states"})
-    batch_size: int = field(default=256, metadata={"help": "batch size over the cached states"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    cache_batch_size: int = field(default=128, metadata={"help": "batch size of the pass that caches pooled states"})
-    seed: int = field(default=0, metadata={"help": "seed of the head initialisation and data order"})
+    The field names carry the ``learned_`` prefix so that they never clash with stage 1's options.
+    """
+
+    learned_hidden: int = field(default=0, metadata={
+        "help": "hidden width of each head: 0 = Linear(d -> 1), else d -> h -> 1 MLP"})
+    learned_epochs: int = field(default=5, metadata={"help": "epochs over the cached pooled states"})
+    learned_batch_size: int = field(default=256, metadata={"help": "batch size over the cached states"})
+    learned_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    learned_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    learned_cache_batch_size: int = field(default=128, metadata={
+        "help": "batch size of the pass that caches pooled states"})
+    learned_seed: int = field(default=0, metadata={"help": "seed of the head initialisation and data order"})
 
     def __post_init__(self) -> None:
-        if self.hidden < 0:
-            raise ValueError(f"hidden must be >= 0, got {self.hidden}")
-        for name in ("epochs", "batch_size", "cache_batch_size"):
+        if self.learned_hidden < 0:
+            raise ValueError(f"learned_hidden must be >= 0, got {self.learned_hidden}")
+        for name in ("learned_epochs", "learned_batch_size", "learned_cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.learned_learning_rate > 0:
+            raise ValueError(f"learned_learning_rate must be > 0, got {self.learned_learning_rate}")
+        if self.learned_weight_decay < 0:
+            raise ValueError(f"learned_weight_decay must be >= 0, got {self.learned_weight_decay}")
 
 
 def _head(hidden_size: int, hidden: int) -> nn.Module:
@@ -192,25 +197,27 @@ def train_learned_heads(
     if cache is None:
         if train_dataset is None:
             raise ValueError("give either train_dataset or cache")
-        cache = cache_pooled_states(model, train_dataset, collate, batch_size=cfg.cache_batch_size, device=device,
-                                    progress=progress, desc="learned heads: caching states")
+        cache = cache_pooled_states(model, train_dataset, collate, batch_size=cfg.learned_cache_batch_size,
+                                    device=device, progress=progress, desc="learned heads: caching states")
     states, targets = cache.pooled, cache.correct()
     n, num_layers, hidden_size = states.shape
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.learned_seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        heads = LearnedExitHeads(hidden_size, num_layers, cfg.hidden)
+        torch.manual_seed(cfg.learned_seed)
+        heads = LearnedExitHeads(hidden_size, num_layers, cfg.learned_hidden)
     heads.to(device).train()
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps = math.ceil(n / cfg.batch_size)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.learned_learning_rate,
+                                  weight_decay=cfg.learned_weight_decay)
+    steps = math.ceil(n / cfg.learned_batch_size)
     history: list[float] = []
-    bar = tqdm(total=cfg.epochs * steps, desc="learned heads", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.learned_epochs * steps, desc="learned heads", unit="step", disable=not progress,
+               leave=False)
     with torch.enable_grad():
-        for epoch in range(cfg.epochs):
+        for epoch in range(cfg.learned_epochs):
             order = torch.randperm(n, generator=generator)
             total = 0.0
-            for start in range(0, n, cfg.batch_size):
-                rows = order[start:start + cfg.batch_size]
+            for start in range(0, n, cfg.learned_batch_size):
+                rows = order[start:start + cfg.learned_batch_size]
                 logits = heads(states[rows].to(device))
                 loss = F.binary_cross_entropy_with_logits(logits.float(), targets[rows].to(device))
                 optimizer.zero_grad(set_to_none=True)
@@ -221,7 +228,7 @@ def train_learned_heads(
             history.append(total / n)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if log is not None:
-                log(f"learned heads: epoch {epoch + 1}/{cfg.epochs}, BCE {history[-1]:.4f}")
+                log(f"learned heads: epoch {epoch + 1}/{cfg.learned_epochs}, BCE {history[-1]:.4f}")
     bar.close()
     heads.eval()
     heads.history = history

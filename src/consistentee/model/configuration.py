@@ -10,6 +10,9 @@ from consistentee.model.backbone import POOLING_METHODS
 #: Written into config.json so a directory of another kind is recognised and refused.
 MODEL_KIND = "consistentee-early-exit-encoder"
 FORMAT_VERSION = 1
+POLICY_FEATURES = ("state", "state+confidence")
+#: Number of classifier-derived features added by ``state+confidence``.
+CONFIDENCE_FEATURES = 3
 
 
 class ModelFormatError(ValueError):
@@ -28,14 +31,20 @@ class EarlyExitConfig:
     #: pooler), ``cls`` or ``mean`` (mask-aware mean over tokens; the default when the checkpoint's pooler
     #: was never trained, see METHOD.md section 2).
     pooling: str = "mean"
-    #: Hidden width of each layer's policy MLP (d -> policy_hidden_size -> 1).
+    #: Hidden width of each layer's policy MLP (inputs -> policy_hidden_size -> 1).
     policy_hidden_size: int = 32
+    #: What each policy reads: ``state`` (the pooled state, METHOD.md section 2) or ``state+confidence``
+    #: (also the max probability, normalised entropy and top-2 margin of that layer's exit classifier).
+    policy_features: str = "state"
     #: Dropout on the pooled state before each exit classifier.
     classifier_dropout: float = 0.1
     #: Extra settings recorded by training (never needed to run the model).
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.policy_features not in POLICY_FEATURES:
+            raise ModelFormatError(
+                f"unknown policy features {self.policy_features!r}; choose one of {', '.join(POLICY_FEATURES)}")
         if self.pooling not in POOLING_METHODS:
             raise ModelFormatError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLING_METHODS)}")
         if len(self.label_names) < 2:

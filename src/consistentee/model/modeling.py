@@ -8,8 +8,9 @@ Saved the Hugging Face way: ``config.json`` + ``model.safetensors`` (+ the token
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from consistentee.model.backbone import EncoderState, LayerwiseBackbone
-from consistentee.model.configuration import EarlyExitConfig, ModelFormatError
+from consistentee.model.configuration import CONFIDENCE_FEATURES, EarlyExitConfig, ModelFormatError
 from consistentee.model.families import backbone_from_config, load_backbone
 from consistentee.resources import resolve_model_path
 from consistentee.utils.io import atomic_directory
@@ -63,17 +64,25 @@ class EarlyExitForSequenceClassification(nn.Module):
             raise ModelFormatError(f"pooling 'pooler' needs a backbone with a pooler; {backbone.config.model_type} has none")
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.exits = nn.ModuleList(nn.Linear(d, config.num_labels) for _ in range(n))
-        self.policies = nn.ModuleList(PolicyNetwork(d, config.policy_hidden_size) for _ in range(n - 1))
-        self._init_heads()
-
-    def _init_heads(self) -> None:
-        # Exit classifiers like the backbone's own heads; policies keep PyTorch's default (fan-in scaled) init so
-        # that their output depends on the input from the first step: a near-constant policy collapses to
-        # "always continue" under the strong negative rewards of hard inputs before it learns to tell inputs apart.
         std = float(getattr(self.backbone.config, "initializer_range", 0.02))
-        for module in self.exits:
+        for module in self.exits:  # like the backbone's own classification heads
             nn.init.normal_(module.weight, std=std)
             nn.init.zeros_(module.bias)
+        self.reset_policies(config.policy_features, config.policy_hidden_size)
+
+    def reset_policies(self, features: str, hidden_size: int) -> None:
+        """New, untrained policies reading ``features`` (a stage-2 choice: stage 1 never trains policies).
+
+        They keep PyTorch's default (fan-in scaled) initialisation so that their output depends on the input
+        from the first step: a near-constant policy collapses to "always continue" under the strong negative
+        rewards of hard inputs before it learns to tell inputs apart.
+        """
+        self.config = replace(self.config, policy_features=features, policy_hidden_size=hidden_size)
+        inputs = self.backbone.hidden_size + (CONFIDENCE_FEATURES if features == "state+confidence" else 0)
+        device = self.exits[0].weight.device
+        self.policies = nn.ModuleList(
+            PolicyNetwork(inputs, hidden_size) for _ in range(self.backbone.num_layers - 1)
+        ).to(device)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -138,7 +147,18 @@ class EarlyExitForSequenceClassification(nn.Module):
     def policy_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         if index >= self.num_layers - 1:
             raise IndexError("the last layer has no policy: exiting there is forced")
+        if self.config.policy_features == "state+confidence":
+            pooled = torch.cat([pooled, self.confidence_features(index, pooled)], dim=-1)
         return self.policies[index](pooled)
+
+    def confidence_features(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, 3] max probability, entropy / ln C and top-2 margin of exit ``index`` (no dropout, no gradient:
+        the policy reads the classifier, it does not train it)."""
+        with torch.no_grad():
+            probs = self.exits[index](pooled).float().softmax(-1)
+            top2 = probs.topk(2, dim=-1).values
+            entropy = torch.special.entr(probs).sum(-1) / math.log(probs.shape[-1])
+            return torch.stack([top2[:, 0], entropy, top2[:, 0] - top2[:, 1]], dim=-1).to(pooled.dtype)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None, return_pooled: bool = False) -> MultiExitOutput:
         """Every exit and every policy, at full depth (training and table-building)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,47 @@ def save_checkpoint(directory: str | Path, model: nn.Module, trainer_state: dict
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+def find_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint to resume from, or None; leftovers of a killed process are cleaned up.
+
+    A process killed while swapping a new checkpoint in can leave the previous one as ``.<name>.old`` (the
+    new one then never made it) and half-written ``.<name>.*.tmp`` directories; both are handled here.
+    """
+    directory = Path(directory)
+    parent = directory.parent
+    if not parent.is_dir():
+        return None
+    for tmp in parent.glob(f".{directory.name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    old = parent / f".{directory.name}.old"
+    if old.is_dir():
+        if directory.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(directory)
+    return directory if directory.is_dir() else None
+
+
+def remove_checkpoint(directory: str | Path) -> None:
+    directory = Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(directory.parent / f".{directory.name}.old", ignore_errors=True)
+
+
 def verify_checkpoint(directory: str | Path) -> None:
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST_FILE}") from None
+        raise CheckpointError(f"checkpoint {directory} has no {MANIFEST_FILE}; delete the directory to start over"
+                              ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint manifest {manifest_path} is corrupt") from None
+    if not isinstance(manifest, dict) or set(manifest) != {MODEL_FILE, STATE_FILE} or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            for e in manifest.values()):
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is corrupt (unexpected content)")
     for name, entry in manifest.items():
         path = directory / name
         if not path.is_file():
@@ -93,11 +126,19 @@ def load_checkpoint(directory: str | Path, model: nn.Module, restore_rng: bool =
     """Verify, load the weights into ``model`` and return the trainer state (RNG restored)."""
     directory = Path(directory)
     verify_checkpoint(directory)
-    missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(directory / MODEL_FILE), strict=False)
+    except Exception as exc:  # shape mismatches and unreadable files, however safetensors spells them
+        raise CheckpointError(f"checkpoint file {directory / MODEL_FILE} cannot be loaded into this model "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {directory / MODEL_FILE} does not fit this model ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected weights)")
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that passed the checksum but holds more than tensors and plain values
+        raise CheckpointError(f"checkpoint file {directory / STATE_FILE} cannot be read safely "
+                              f"({type(exc).__name__})") from None
     if restore_rng:
         restore_rng_state(state.pop("rng"))
     return state

@@ -18,22 +18,27 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from consistentee.data.dataset import seeded_order
 from consistentee.exits.rules import make_rule, simulate_exits
+from consistentee.model.configuration import POLICY_FEATURES
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.training import memorized
-from consistentee.training.checkpoint import load_checkpoint, save_checkpoint
+from consistentee.training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from consistentee.training.rl import (
     ADVANTAGE_NORMS,
     HARDNESS,
@@ -43,11 +48,10 @@ from consistentee.training.rl import (
     loss_hardness_weight,
     make_reward,
     memorized_hardness_weight,
-    policy_gradient_loss,
 )
-from consistentee.training.rollout import repeat_batch, rollout
+from consistentee.training.rollout import ActionNoise, repeat_batch, rollout
 from consistentee.training.run import PreparedData, load_run_model, split_tables
-from consistentee.training.stage1 import epoch_order, optimizer_for
+from consistentee.training.stage1 import epoch_order, optimizer_for, shard_loader, shard_steps
 from consistentee.utils.io import read_json, write_json, write_text
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
@@ -69,6 +73,9 @@ class PolicyConfig:
     advantage_norm: str = field(default="group_std", metadata={
         "help": "group_std: divide each example's advantages by the std of its K rewards (stops hard inputs from "
                 "drowning easy ones); none: the plain group-mean baseline", "choices": ADVANTAGE_NORMS})
+    policy_features: str = field(default="state", metadata={
+        "help": "what the policies read: state (the pooled layer state) or state+confidence (also max probability, "
+                "entropy and top-2 margin of that layer's exit classifier)", "choices": POLICY_FEATURES})
     rollouts: int = field(default=8, metadata={"help": "K: rollouts per example (fresh dropout and actions)"})
     rounds: int = field(default=1, metadata={"help": "alternations of stage 2 and stage 3"})
     policy_epochs: int = field(default=1, metadata={"help": "stage-2 (policy only) epochs per round"})
@@ -103,6 +110,8 @@ class PolicyConfig:
             raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
         if self.joint_loss not in JOINT_LOSSES:
             raise ValueError(f"joint_loss must be one of {', '.join(JOINT_LOSSES)}, got {self.joint_loss!r}")
+        if self.policy_features not in POLICY_FEATURES:
+            raise ValueError(f"policy_features must be one of {', '.join(POLICY_FEATURES)}, got {self.policy_features!r}")
         if self.advantage_norm not in ADVANTAGE_NORMS:
             raise ValueError(f"advantage_norm must be one of {', '.join(ADVANTAGE_NORMS)}, got {self.advantage_norm!r}")
         if self.rollouts < 2:
@@ -125,6 +134,12 @@ def beta_dir(run_dir: str | Path, beta: float) -> Path:
 
 def policy_model_dir(run_dir: str | Path, beta: float) -> Path:
     return beta_dir(run_dir, beta) / "model"
+
+
+def policy_complete(run_dir: str | Path, beta: float) -> bool:
+    """Whether every stage of ``beta`` finished (an interrupted run also leaves a model/ behind)."""
+    path = beta_dir(run_dir, beta) / "progress.json"
+    return path.is_file() and bool(read_json(path).get("complete")) and policy_model_dir(run_dir, beta).is_dir()
 
 
 def _units(cfg: PolicyConfig) -> list[tuple[str, int, int]]:
@@ -175,10 +190,14 @@ def train_policy(
     out = beta_dir(run_dir, cfg.beta)
     progress_path, model_dir, ckpt_dir = out / "progress.json", out / "model", out / "checkpoint"
     state = read_json(progress_path) if progress_path.is_file() else {"completed": [], "timings": {}, "dev": {}}
+    changed = _changed_settings(state.get("config"), asdict(cfg))
+    if changed:
+        raise ValueError(f"{out} was trained with other settings ({', '.join(changed)}); "
+                         "use another --run-dir or delete that directory")
     if state.get("complete"):
-        log(f"beta {cfg.beta:g}: already trained ({model_dir})")
+        if _is_main_process():
+            log(f"beta {cfg.beta:g}: already trained ({model_dir})")
         return model_dir
-    out.mkdir(parents=True, exist_ok=True)
     state["config"] = asdict(cfg)
 
     set_seed(cfg.seed)
@@ -187,9 +206,13 @@ def train_policy(
     accelerator = Accelerator(cpu=torch_device.type == "cpu", mixed_precision=mixed)
     model, data = load_run_model(run_dir, device=str(accelerator.device))
     if state["completed"]:
-        model = EarlyExitForSequenceClassification.from_pretrained(model_dir, device=accelerator.device)
+        model = EarlyExitForSequenceClassification.from_pretrained(model_dir, device=next(model.parameters()).device)
+    elif model.config.policy_features != cfg.policy_features:
+        torch.manual_seed(cfg.seed)  # stage 1 never trains the policies: choosing their inputs now loses nothing
+        model.reset_policies(cfg.policy_features, model.config.policy_hidden_size)
     memorized_file = state.get("memorized_file", memorized.FILE_NAME)
     weights = hardness_weights(run_dir, data, cfg, model.num_layers, memorized_file).to(accelerator.device)
+    out.mkdir(parents=True, exist_ok=True)  # only once the run, its model and memorized layers are known good
 
     train_set = data.encoded["train"]
     if cfg.policy_train_examples is not None and cfg.policy_train_examples < len(train_set):
@@ -203,30 +226,50 @@ def train_policy(
             continue
         if cfg.refresh_memorized and unit.endswith("-policy") and round_no > 1:
             memorized_file = f"memorized_layers_round{round_no}.json"
-            if not (out / memorized_file).is_file():
+            if accelerator.is_main_process and not (out / memorized_file).is_file():
                 tables = split_tables(model, data, "train", batch_size=cfg.eval_batch_size, progress=progress)
                 layers = memorized.memorized_layers(tables.predictions(), tables.labels)
                 memorized.save_memorized(out, data.splits.train.ids, layers, model.num_layers,
                                          memorized.final_exit_loss(tables.probs, tables.labels), memorized_file)
+            accelerator.wait_for_everyone()
             weights = hardness_weights(out, data, cfg, model.num_layers, memorized_file).to(accelerator.device)
         t0 = time.perf_counter()
         log_rows = _train_unit(model, unit, unit_index, epochs, train_set, data.collate, weights, reward_fn, cfg,
                                accelerator, ckpt_dir, out / "log.csv", log_rows, progress)
-        dev = evaluate_policy(model, data, "dev", batch_size=cfg.eval_batch_size)
-        if accelerator.is_main_process:
-            model.save_pretrained(model_dir, tokenizer=_tokenizer(run_dir))
-            state["completed"].append(unit)
-            state["timings"][unit] = time.perf_counter() - t0
+        state["completed"].append(unit)
+        state["timings"][unit] = time.perf_counter() - t0
+        if accelerator.is_main_process:  # the others wait below
+            dev = evaluate_policy(model, data, "dev", batch_size=cfg.eval_batch_size)
             state["dev"][unit] = dev
+            model.save_pretrained(model_dir, tokenizer=_tokenizer(run_dir))
             write_json(progress_path, state)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        log(f"beta {cfg.beta:g} {unit}: dev accuracy {100 * dev['accuracy']:.2f}% at mean exit layer "
-            f"{dev['mean_exit_layer']:.2f} ({dev['layer_speedup']:.2f}x; full depth "
-            f"{100 * dev['full_depth_accuracy']:.2f}%) in {state['timings'][unit]:.0f} s")
+            remove_checkpoint(ckpt_dir)
+            log(f"beta {cfg.beta:g} {unit}: dev accuracy {100 * dev['accuracy']:.2f}% at mean exit layer "
+                f"{dev['mean_exit_layer']:.2f} ({dev['layer_speedup']:.2f}x; full depth "
+                f"{100 * dev['full_depth_accuracy']:.2f}%) in {state['timings'][unit]:.0f} s")
+        accelerator.wait_for_everyone()
     state["complete"] = True
     if accelerator.is_main_process:
         write_json(progress_path, state)
+    accelerator.wait_for_everyone()
     return model_dir
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+#: Settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE = {"checkpoint_every", "eval_batch_size", "mixed_precision"}
+
+
+def _changed_settings(saved: dict | None, current: dict) -> list[str]:
+    if not saved:
+        return []
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+            if k not in _RESUMABLE and k in saved and saved[k] != v]
 
 
 def _tokenizer(run_dir: Path):
@@ -245,61 +288,76 @@ def _set_trainable(model, joint: bool) -> list[torch.nn.Parameter]:
 
 def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, reward_fn, cfg: PolicyConfig,
                 accelerator: Accelerator, ckpt_dir: Path, log_path: Path, log_rows: list[dict], progress: bool):
+    """One stage (policy or joint) on every process.
+
+    The model is not wrapped in DDP (the rollout calls ``embed``/``run_layer`` directly and drops exited rows, so
+    processes run different layers); instead, after each backward, every process all-reduces the same flat vector
+    of all trainable gradients (zeros where a process has none) and a flag per parameter, so the collectives match
+    and a parameter no process touched keeps no gradient, like in a single process. An example's K rollouts stay on
+    the process that loaded it (repetition happens after loading), so group baselines are exact; the action noise
+    of a global step is drawn on every process from the same generator and each takes its rows, so the sampled
+    actions do not depend on the number of processes; the logged metrics are summed over processes.
+    """
     joint = unit.endswith("-joint")
     params = _set_trainable(model, joint)
     if joint:
         optimizer = optimizer_for(model, cfg.joint_learning_rate, cfg.joint_head_learning_rate, weight_decay=0.01)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.policy_learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.policy_batch_size * accelerator.num_processes))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.policy_batch_size * world))
     total = steps_per_epoch * epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * total) if joint else 0, total)
     epsilon = EpsilonSchedule(cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 7919 + unit_index)
     start_epoch, start_step, global_step = 0, 0, 0
-    if ckpt_dir.is_dir():
-        saved = load_checkpoint(ckpt_dir, model)
+    found = find_checkpoint(ckpt_dir)
+    if found is not None:
+        saved = load_checkpoint(found, model)
         if saved.get("unit") == unit:
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             generator.set_state(saved["generator"])
             start_epoch, start_step, global_step = int(saved["epoch"]), int(saved["step"]), int(saved["global_step"])
             log_rows = [r for r in log_rows if r["unit"] != unit or int(r["step"]) <= global_step]
-            accelerator.print(f"resuming {unit} from {ckpt_dir} (epoch {start_epoch}, step {start_step})")
+            accelerator.print(f"resuming {unit} from {found} (epoch {start_epoch}, step {start_step})")
     num_layers = model.num_layers
+    k = cfg.rollouts
     model.train()
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch + start_step, desc=f"beta {cfg.beta:g} {unit}",
                unit="step", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
     for epoch in range(start_epoch, epochs):
         skip = start_step if epoch == start_epoch else 0
-        loader = DataLoader(train_set, batch_size=cfg.policy_batch_size, collate_fn=collate,
-                            sampler=epoch_order(len(train_set), cfg.seed, 100 + unit_index, epoch),
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        loader = accelerator.prepare_data_loader(loader, device_placement=True)
-        if skip:
-            loader = accelerator.skip_first_batches(loader, skip)
-        for step, batch in enumerate(loader, start=skip):
-            batch = repeat_batch(batch, cfg.rollouts)
+        steps = shard_steps(epoch_order(len(train_set), cfg.seed, 100 + unit_index, epoch), cfg.policy_batch_size,
+                            world, rank)[skip:]
+        loader = shard_loader(train_set, steps, collate, cfg.seed)
+        for step, (shard, batch) in enumerate(zip(steps, loader, strict=True), start=skip):
+            batch = repeat_batch({n: v.to(accelerator.device) for n, v in batch.items()}, k)
             eps = epsilon.value(global_step)
+            noise = ActionNoise.draw(shard.global_examples * k, num_layers, generator, eps, accelerator.device)
+            first = min(rank * cfg.policy_batch_size, shard.global_examples - 1) * k
+            noise = noise.rows(first, first + batch["labels"].shape[0])
+            # Per rollout: num_processes / (rollouts in the global step); 0 for a filler.
+            row_weight = torch.tensor(shard.weights, device=accelerator.device).repeat_interleave(k) / k
             with accelerator.autocast():
-                ro = rollout(model, batch, train_backbone=joint, generator=generator, epsilon=eps,
+                ro = rollout(model, batch, train_backbone=joint, epsilon=eps, noise=noise,
                              expected_ce=joint and cfg.joint_loss == "expected")
             reward = reward_fn(ro.log_q_exit.detach(), ro.exit_layer, weights[batch["index"]], num_layers)
-            advantage = group_baseline_advantage(reward, cfg.rollouts, cfg.advantage_norm)
-            loss = policy_gradient_loss(ro.log_prob, advantage)
+            advantage = group_baseline_advantage(reward, k, cfg.advantage_norm)
+            loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
             if joint:
-                loss = loss + (ro.expected_ce.mean() if ro.expected_ce is not None else -ro.log_q_exit.mean())
+                ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
+                loss = loss + (ce * row_weight).sum()
             accelerator.backward(loss)
-            if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            if world > 1:
+                _all_reduce_grads(accelerator, params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
-            row = _log_row(unit, epoch + 1, global_step, loss, reward, ro, num_layers, eps)
+            row = _log_row(accelerator, unit, epoch + 1, global_step, loss, reward, ro, row_weight > 0, num_layers,
+                           eps)
             log_rows.append(row)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward']:.3f}", exit=f"{row['mean_exit_layer']:.2f}",
@@ -321,14 +379,44 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     return log_rows
 
 
-def _log_row(unit, epoch, step, loss, reward, ro, num_layers, eps) -> dict:
-    hist = torch.bincount(ro.exit_layer.cpu(), minlength=num_layers + 1)[1:].tolist()
-    entropy = (ro.entropy_sum.sum() / ro.decisions.sum().clamp_min(1)).item()
-    return {"unit": unit, "epoch": epoch, "step": step, "loss": round(loss.item(), 6),
-            "reward": round(reward.mean().item(), 6),
-            "mean_exit_layer": round(ro.exit_layer.float().mean().item(), 4), "exit_histogram": " ".join(map(str, hist)),
-            "accuracy_at_exit": round(ro.correct.float().mean().item(), 4), "policy_entropy": round(entropy, 6),
-            "epsilon": eps}
+def _all_reduce_grads(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Mean of every trainable gradient over processes, in one collective with the same layout everywhere."""
+    flat = torch.cat([
+        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float(),
+                   torch.ones(1, device=p.device) if p.grad is not None else torch.zeros(1, device=p.device)])
+        for p in params
+    ])
+    flat = accelerator.reduce(flat, reduction="sum")
+    offset = 0
+    world = accelerator.num_processes
+    for p in params:
+        n = p.numel()
+        if flat[offset + n].item() > 0:  # some process has a gradient for it
+            p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
+        else:
+            p.grad = None
+        offset += n + 1
+
+
+def _log_row(accelerator, unit, epoch, step, loss, reward, ro, real, num_layers, eps) -> dict:
+    """One log.csv row for a global step: sums over the real rollouts of every process."""
+    real_f = real.float()
+    hist = torch.bincount(ro.exit_layer[real].cpu(), minlength=num_layers + 1)[1:].float()
+    stats = torch.cat([
+        torch.stack([real_f.sum(), (reward.detach().float() * real_f).sum(), (ro.exit_layer.float() * real_f).sum(),
+                     (ro.correct.float() * real_f).sum(), (ro.entropy_sum.float() * real_f).sum(),
+                     (ro.decisions.float() * real_f).sum(), loss.detach().float()]).cpu(),
+        hist,
+    ]).to(accelerator.device)
+    if accelerator.num_processes > 1:
+        stats = accelerator.reduce(stats, reduction="sum")
+    stats = stats.cpu()
+    count, reward_sum, exit_sum, correct_sum, entropy_sum, decisions, loss_sum = stats[:7].tolist()
+    return {"unit": unit, "epoch": epoch, "step": step, "loss": round(loss_sum / accelerator.num_processes, 6),
+            "reward": round(reward_sum / count, 6), "mean_exit_layer": round(exit_sum / count, 4),
+            "exit_histogram": " ".join(str(int(round(v))) for v in stats[7:].tolist()),
+            "accuracy_at_exit": round(correct_sum / count, 4),
+            "policy_entropy": round(entropy_sum / max(decisions, 1.0), 6), "epsilon": eps}
 
 
 def _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, generator, unit, epoch, step, global_step,
@@ -341,6 +429,7 @@ def _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, generator, u
             "global_step": global_step,
         })
         _write_log(log_path, log_rows)
+    accelerator.wait_for_everyone()
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

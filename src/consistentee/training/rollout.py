@@ -41,6 +41,42 @@ def repeat_batch(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tens
     return {name: value.repeat_interleave(k, dim=0) for name, value in batch.items()}
 
 
+@dataclass
+class ActionNoise:
+    """Uniform noise behind every sampled action of a batch: ``[rows, L-1]`` each (rows = examples x K).
+
+    Drawing it for a whole global step on every process and handing each process its rows makes the sampled
+    actions of an example independent of how examples are split over processes."""
+
+    #: action = u < p
+    u: torch.Tensor
+    #: epsilon-greedy: explore when explore < epsilon, then exit when coin < 0.5 (None when epsilon = 0)
+    explore: torch.Tensor | None = None
+    coin: torch.Tensor | None = None
+
+    @classmethod
+    def draw(cls, rows: int, num_layers: int, generator: torch.Generator | None, epsilon: float,
+             device: torch.device | str = "cpu") -> ActionNoise:
+        shape = (rows, max(num_layers - 1, 0))
+        u = torch.rand(shape, generator=generator, device=device)
+        if epsilon > 0:
+            return cls(u, torch.rand(shape, generator=generator, device=device),
+                       torch.rand(shape, generator=generator, device=device))
+        return cls(u)
+
+    def rows(self, start: int, stop: int) -> ActionNoise:
+        pick = (lambda t: None if t is None else t[start:stop])  # noqa: E731
+        return ActionNoise(self.u[start:stop], pick(self.explore), pick(self.coin))
+
+    def actions(self, layer: int, rows: torch.Tensor, p: torch.Tensor, epsilon: float) -> torch.Tensor:
+        action = self.u[rows, layer] < p.detach().float()
+        if epsilon > 0:
+            if self.explore is None or self.coin is None:
+                raise ValueError("epsilon > 0 needs noise drawn with epsilon > 0")
+            action = torch.where(self.explore[rows, layer] < epsilon, self.coin[rows, layer] < 0.5, action)
+        return action
+
+
 def rollout(
     model,
     batch: dict[str, torch.Tensor],
@@ -50,12 +86,14 @@ def rollout(
     epsilon: float = 0.0,
     expected_ce: bool = False,
     trim: bool = True,
+    noise: ActionNoise | None = None,
 ) -> Rollout:
     """Sample exits for every row of ``batch`` (already repeated K times) through ``model``.
 
     With ``train_backbone=False`` (stage 2) the backbone and classifiers run without a graph and only the
     policies get gradients. ``expected_ce=True`` keeps every row to full depth (the expected-CE loss needs
-    every exit's CE), so nothing is gathered out in that mode.
+    every exit's CE), so nothing is gathered out in that mode. ``noise`` (one row per batch row) replaces
+    drawing from ``generator`` layer by layer.
     """
     labels = batch["labels"]
     rows = labels.shape[0]
@@ -82,7 +120,10 @@ def rollout(
             exits = torch.ones(len(active), dtype=torch.bool, device=device)
         else:
             p = clamp_probs(torch.sigmoid(model.policy_logits(i, pooled).float()))
-            exits = sample_exit_actions(p.detach(), generator=generator, epsilon=epsilon)
+            if noise is not None:
+                exits = noise.actions(i, active, p, epsilon)
+            else:
+                exits = sample_exit_actions(p.detach(), generator=generator, epsilon=epsilon)
             if expected_ce:
                 exits = exits & done.index_select(0, active).logical_not()
                 policy_probs.append(p)

