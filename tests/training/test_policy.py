@@ -180,3 +180,30 @@ def test_a_beta_trained_with_other_settings_is_not_silently_reused(hardness_run)
     other = PolicyConfig(**{**cfg.__dict__, "policy_features": "state+confidence"})
     with pytest.raises(ValueError, match="other settings .*policy_features"):
         train_policy(hardness_run, other, device="cpu", progress=False, log=lambda *_: None)
+
+
+def test_a_policy_holdout_keeps_stage1_and_the_policy_stages_on_disjoint_examples(tiny_csv, tiny_encoder_dir, tmp_path):
+    from consistentee.training.run import run_stage1, train_partition
+    from consistentee.training.stage1 import Stage1Config
+
+    ids = [f"x{i}" for i in range(40)]
+    stage1_rows, policy_rows = train_partition(ids, 0.25, seed=0)
+    assert len(policy_rows) == 10 and not set(stage1_rows) & set(policy_rows)
+    assert sorted(stage1_rows + policy_rows) == list(range(40))
+    assert train_partition(ids, 0.25, seed=0) == (stage1_rows, policy_rows)
+    assert train_partition(ids, 0.0, seed=0) == (list(range(40)), list(range(40)))
+
+    data = DataConfig(dataset=tiny_csv, id_column="id", max_length=16, policy_holdout=0.25)
+    messages = []
+    run_stage1(tmp_path, data, ModelConfig(model=tiny_encoder_dir, pooling="mean"), Stage1Config(epochs=1, batch_size=8),
+               device="cpu", progress=False, log=messages.append)
+    assert any("stage 1 trains on 36 examples; 12 are held out" in m for m in messages)
+    metrics = json.loads((tmp_path / "stage1" / "metrics.json").read_text())
+    assert metrics["history"][0]["steps"] == 5  # ceil(36 / 8)
+    run_memorize(tmp_path, device="cpu", progress=False, log=lambda *_: None)
+    cfg = PolicyConfig(rollouts=2, policy_epochs=1, joint_epochs=0, policy_batch_size=4)
+    train_policy(tmp_path, cfg, device="cpu", progress=False, log=lambda *_: None)
+    log = (tmp_path / "policies" / "beta-0.05" / "log.csv").read_text().splitlines()
+    assert len(log) - 1 == 3  # 12 held-out examples / 4 per step
+    with pytest.raises(ValueError, match="policy_holdout"):
+        DataConfig(policy_holdout=1.0)

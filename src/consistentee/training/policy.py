@@ -50,7 +50,13 @@ from consistentee.training.rl import (
     memorized_hardness_weight,
 )
 from consistentee.training.rollout import ActionNoise, repeat_batch, rollout
-from consistentee.training.run import PreparedData, load_run_model, split_tables
+from consistentee.training.run import (
+    PreparedData,
+    load_run_model,
+    load_run_settings,
+    split_tables,
+    train_partition,
+)
 from consistentee.training.stage1 import epoch_order, optimizer_for, shard_loader, shard_steps
 from consistentee.utils.io import read_json, write_json, write_text
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
@@ -214,10 +220,13 @@ def train_policy(
     weights = hardness_weights(run_dir, data, cfg, model.num_layers, memorized_file).to(accelerator.device)
     out.mkdir(parents=True, exist_ok=True)  # only once the run, its model and memorized layers are known good
 
-    train_set = data.encoded["train"]
-    if cfg.policy_train_examples is not None and cfg.policy_train_examples < len(train_set):
-        subset = seeded_order(data.splits.train.ids, cfg.seed)[: cfg.policy_train_examples]
-        train_set = Subset(train_set, sorted(subset))
+    data_cfg, _ = load_run_settings(run_dir)
+    ids = data.splits.train.ids
+    _, rows = train_partition(ids, data_cfg.policy_holdout, data_cfg.data_seed)
+    if cfg.policy_train_examples is not None and cfg.policy_train_examples < len(rows):
+        rank = {row: position for position, row in enumerate(seeded_order(ids, cfg.seed))}
+        rows = sorted(sorted(rows, key=rank.__getitem__)[: cfg.policy_train_examples])
+    train_set = data.encoded["train"] if len(rows) == len(ids) else Subset(data.encoded["train"], rows)
     reward_fn = make_reward(cfg.reward, cfg.beta)
     log_rows = _read_log(out / "log.csv")
 

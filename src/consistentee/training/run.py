@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 from transformers import AutoTokenizer
 
 from consistentee.data import (
@@ -63,10 +64,15 @@ class DataConfig:
     max_train_examples: int | None = field(default=None, metadata={"help": "use a seeded subset of the train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "use a seeded subset of dev and test"})
     data_seed: int = field(default=0, metadata={"help": "seed of the dev/test carving and of subsets"})
+    policy_holdout: float = field(default=0.0, metadata={
+        "help": "fraction of the train split kept out of stage 1 and used by the policy stages instead, so the "
+                "policies learn from exits that did not memorize their inputs (0: one shared train split)"})
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if not 0.0 <= self.policy_holdout < 1.0:
+            raise ValueError(f"policy_holdout must be in [0, 1), got {self.policy_holdout}")
         for name in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -123,6 +129,16 @@ def load_data(cfg: DataConfig) -> DatasetSplits:
             keep = sorted(seeded_order(split.ids, cfg.data_seed)[:limit])
             setattr(splits, name, split.select(keep))
     return splits
+
+
+def train_partition(ids: list[str], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(stage-1 rows, policy rows) of the train split: a seeded, id-based hold-out, or all rows for both."""
+    if holdout <= 0:
+        everything = list(range(len(ids)))
+        return everything, everything
+    order = seeded_order(ids, seed + 1)
+    held = max(1, round(holdout * len(ids)))
+    return sorted(order[held:]), sorted(order[:held])
 
 
 def prepare_data(cfg: DataConfig, tokenizer, labels: LabelList | None = None) -> PreparedData:
@@ -241,7 +257,13 @@ def run_stage1(
         log(f"data {data_cfg.dataset}: " + ", ".join(f"{k} {v}" for k, v in data.splits.sizes().items())
             + f"; labels {', '.join(data.labels.names)}")
         log(f"model {model_cfg.model}: {model.num_layers} layers, pooling {model.config.pooling}")
-    train_stage1(model, tokenizer, data.encoded["train"], data.encoded["dev"], data.collate, cfg,
+    stage1_rows, _ = train_partition(data.splits.train.ids, data_cfg.policy_holdout, data_cfg.data_seed)
+    train_set = data.encoded["train"]
+    if len(stage1_rows) < len(train_set):
+        log(f"stage 1 trains on {len(stage1_rows)} examples; {len(train_set) - len(stage1_rows)} are held out "
+            "for the policy stages")
+        train_set = Subset(train_set, stage1_rows)
+    train_stage1(model, tokenizer, train_set, data.encoded["dev"], data.collate, cfg,
                  run_dir / "stage1", device=device, progress=progress)
     return model
 
