@@ -35,10 +35,20 @@ def test_rollout_log_prob_and_exit_scores_equal_the_full_depth_model(tiny_encode
         policy.net[-1].bias.data.fill_(-0.3)
     batch = repeat_batch(_batch(tiny_encoder_dir, TEXTS, [0, 1, 0, 1, 1]), 6)
     ro = rollout(model, batch, train_backbone=False, generator=torch.Generator().manual_seed(3), trim=trim)
-    full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     p = full.policy_logits.sigmoid()
     assert set(ro.exit_layer.tolist()) == {1, 2, 3}
     assert torch.allclose(ro.log_prob, trajectory_log_prob(p, ro.exit_layer), atol=1e-5)
+    # Brute force on the tiny model: the probability of each sampled trajectory, as a product over the layers.
+    for row in range(30):
+        e = int(ro.exit_layer[row])
+        prob = 1.0
+        for j in range(1, e):
+            prob *= 1 - float(p[row, j - 1])
+        if e < 3:
+            prob *= float(p[row, e - 1])
+        assert abs(float(ro.log_prob[row].detach().exp()) - prob) < 1e-5
     log_q = full.exit_logits.log_softmax(-1)[torch.arange(30), ro.exit_layer - 1, batch["labels"]]
     assert torch.allclose(ro.log_q_exit, log_q, atol=1e-5)
     taken = full.exit_logits[torch.arange(30), ro.exit_layer - 1].argmax(-1)
