@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from consistentee.data.files import parse_jsonl
 from consistentee.exits.rules import RULES
 
 INPUT_FORMATS = ("auto", "txt", "csv", "tsv", "json", "jsonl")
@@ -208,18 +209,7 @@ def _parse_records(text: str, fmt: str, source: str) -> list[dict]:
         except csv.Error as exc:
             raise ValueError(f"{source}: cannot parse {fmt.upper()} ({exc})") from None
     if fmt == "jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{source}: line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{source}: line {number} is not a JSON object")
-            records.append(record)
-        return records
+        return parse_jsonl(text, source)
     try:  # json
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -38,6 +38,22 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def parse_jsonl(text: str, source: str) -> list[dict]:
+    """The objects of a JSON Lines text (blank lines skipped); a bad line is a DataError naming it."""
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
 def _read_frame(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -55,18 +71,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
             raise DataError(f"{path}: cannot parse {suffix[1:].upper()} ({_one_line(exc)})") from None
     if suffix == ".jsonl":
-        text = _read_text(path)
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object")
-            records.append(record)
+        records = parse_jsonl(_read_text(path), str(path))
         if not records:
             raise DataError(f"{path}: file is empty")
         return pd.DataFrame.from_records(records)
