@@ -269,18 +269,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"ConsistentEE beta {args.beta:g} threshold {args.threshold:g} on {args.split}: accuracy "
                   f"{100 * result['accuracy']:.2f}% at mean exit layer {result['mean_exit_layer']:.2f} "
                   f"({result['layer_speedup']:.2f}x layer speed-up)")
-    elif args.verb == "benchmark":
-        return benchmark.run(args)
-    elif args.verb == "demo":
-        return benchmark.run_demo(args)
-    elif args.verb == "predict":
-        return predict.run(args)
-    elif args.verb == "serve":
-        return serve.run(args)
-    elif args.verb == "generate":
-        return generate.run(args)
-    elif args.verb == "benchmark-lm":
-        return benchmark_lm.run(args)
+    else:  # verbs whose module owns its whole run
+        runners = {"benchmark": benchmark.run, "demo": benchmark.run_demo, "predict": predict.run,
+                   "serve": serve.run, "generate": generate.run, "benchmark-lm": benchmark_lm.run}
+        return runners[args.verb](args)
     return 0
 
 
