@@ -28,6 +28,26 @@ def test_shifted_targets_align_reward_with_next_token():
     assert (logq[0, :3] > -0.01).all()  # the aligned target is the likely one
 
 
+def test_the_correct_quality_flags_each_token_whose_exit_argmax_is_its_target():
+    model = _model()
+    ids = torch.randint(3, 64, (2, 5))
+    states, _ = T.run_with_exits(model, ids)
+    exit_layer = torch.tensor([[1, 2, 3, 4, 4], [4, 3, 2, 1, 1]])
+    targets = torch.stack([model.head_logits(4, states[4])[0].argmax(-1), torch.randint(3, 64, (5,))])
+    right = torch.zeros(2, 5, dtype=torch.bool)
+    only = torch.ones(2, 5, dtype=torch.bool)
+    only[1, 4] = False
+    T.exit_log_probs_at(model, states, exit_layer, targets, only=only, correct=right)
+    expected = torch.zeros(2, 5, dtype=torch.bool)
+    for n in range(2):
+        for t in range(5):
+            if only[n, t]:
+                logits = model.head_logits(int(exit_layer[n, t]), states[int(exit_layer[n, t])][n, t])
+                expected[n, t] = int(logits.argmax()) == int(targets[n, t])
+    assert torch.equal(right, expected)
+    assert right[0, 3:].all()  # the last layer's head predicts its own argmax
+
+
 def test_memorized_layers_token_level():
     exits = [2, 4, 6]
     targets = torch.tensor([[5, 5, 5, 5]])
@@ -94,3 +114,96 @@ def test_stages_run_and_change_only_exit_parts():
     T.stage3(model, chunks, cfg, progress=False)
     after = model.base.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _OneOfProcesses:
+    """Process ``rank`` of ``world`` without the others: a collective returns this process's own part, so a test
+    can run every rank in turn and combine the parts itself."""
+
+    def __init__(self, world: int, rank: int):
+        self.num_processes, self.process_index = world, rank
+        self.is_main_process = rank == 0
+        self.device = torch.device("cpu")
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor.clone()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_memorized_layers_of_two_shards_add_up_to_the_single_pass():
+    model = _model()
+    chunks = torch.randint(3, 64, (5, 8))  # global batches of 4: chunks 0-3, then chunk 4 alone (rank 1 idles)
+    cfg = T.LMTrainConfig(seq_len=8, batch_size=2)
+    single = T.compute_memorized(model, chunks, T.LMTrainConfig(seq_len=8, batch_size=4))
+    parts = [T.compute_memorized(model, chunks, cfg, _OneOfProcesses(2, rank)) for rank in range(2)]
+    assert [sorted(set(torch.nonzero(p.sum(1)).flatten().tolist())) for p in parts] == [[0, 1, 4], [2, 3]]
+    assert torch.equal(parts[0] + parts[1], single)  # what the all-reduce sum gives every process
+
+
+def test_step_rows_and_sampled_exits_do_not_depend_on_the_number_of_processes():
+    one = T.Shards(_OneOfProcesses(1, 0))
+    two = [T.Shards(_OneOfProcesses(2, rank)) for rank in range(2)]
+    for step in range(3):  # a cyclic window over 5 chunks, 4 per global step
+        assert torch.cat([s.step_rows(step, 2, 5) for s in two]).tolist() == one.step_rows(step, 4, 5).tolist()
+
+    class Policy:  # the hidden state is the exit probability
+        def policy_prob(self, layer, h):
+            return h
+
+    p = torch.rand(6, 5)  # the exit probabilities of the global step's 6 rows (3 per process)
+    draws = []
+    for shards, rows in [(one, [p]), (two[0], [p[:3]]), (two[1], [p[3:]])]:
+        decide = T._sampled_exits(Policy(), torch.Generator().manual_seed(7), shards)
+        draws.append([decide(layer, rows[0]) for layer in (1, 2)])  # the generator streams on over layers
+    for layer in range(2):
+        assert torch.equal(torch.cat([draws[1][layer], draws[2][layer]]), draws[0][layer])
+    assert not torch.equal(draws[0][0], draws[0][1])
+
+
+def test_process_shares_average_to_the_gradient_of_the_global_mean():
+    values = torch.randn(10)
+    valid = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.float32)
+    x = values.clone().requires_grad_(True)
+    ((x * x * valid).sum() / valid.sum()).backward()
+    parts, grads = [], []
+    for rows in (slice(0, 5), slice(5, 10)):  # uneven numbers of valid positions: 4 and 3
+        xp = values[rows].clone().requires_grad_(True)
+        part = T.process_share((xp * xp * valid[rows]).sum(), valid.sum(), world=2)
+        part.backward()
+        parts.append(part)
+        grads.append(xp.grad)
+    # the processes average their gradients (and their logged losses)
+    assert torch.allclose(torch.cat(grads) / 2, x.grad)
+    assert torch.allclose((parts[0] + parts[1]) / 2, (values * values * valid).sum() / valid.sum())
+
+
+class _CharTokenizer:
+    """Characters as token ids 3..63 (enough for WikiText chunks on the tiny model)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 61 for c in text]}
+
+
+def test_train_exits_writes_each_stage_and_resumes_from_the_files(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from consistentee.utils.io import read_json
+
+    cfg = T.LMTrainConfig(seq_len=12, batch_size=2, stage1_steps=2, head_positions=4, memorize_chunks=3,
+                          stage2_steps=2, rollouts=2, stage3_steps=2, beta=0.1)
+    out = T.train_exits(_model(), _CharTokenizer(), tmp_path, cfg, progress=True)
+    assert out == tmp_path / "stage3"
+    for name in ("stage1", "stage2", "stage3"):
+        assert (tmp_path / name / "exits_config.json").is_file()
+    assert not (tmp_path / "memorized.pt").exists()
+    memorized = load_file(tmp_path / T.MEMORIZED_FILE)[T.MEMORIZED_KEY]
+    assert memorized.shape == (3, 12) and memorized.dtype == torch.long
+    assert set(read_json(tmp_path / "timings.json")) == {"stage1", "stage2", "stage3"}
+    capsys.readouterr()
+    again = _model()
+    T.train_exits(again, _CharTokenizer(), tmp_path, cfg, progress=True)
+    assert capsys.readouterr().out.count("already done, loaded") == 3
+    trained = EarlyExitLM.load_exits(out, again.base).trainable_modules().state_dict()
+    assert all(torch.equal(v, again.trainable_modules().state_dict()[k]) for k, v in trained.items())

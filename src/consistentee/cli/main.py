@@ -11,6 +11,7 @@
     serve     an HTTP server with dynamic micro-batching
     generate  text generation with per-token early exit (decoder-only LMs)
     benchmark-lm  decoder exit rules side by side: perplexity, ROUGE, tokens/s
+    train-lm  early exits of a decoder LM (stages 1-3), also under `accelerate launch`
 
 Every verb that writes into a run directory skips what is already finished there and resumes what was
 interrupted. Errors caused by the input (a missing file, an unknown column, an invalid option value, a model
@@ -87,7 +88,7 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve
+    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve, train_lm
     from consistentee.training.run import DataConfig, ModelConfig
     from consistentee.training.stage1 import Stage1Config
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(verbs)
     generate.add_parser(verbs)
     benchmark_lm.add_parser(verbs)
+    train_lm.add_parser(verbs)
     return parser
 
 
@@ -230,7 +232,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve
+    from consistentee.cli import benchmark, benchmark_lm, generate, predict, serve, train_lm
     from consistentee.training import run
     from consistentee.training.stage1 import Stage1Config
 
@@ -271,7 +273,8 @@ def _run(args: argparse.Namespace) -> int:
                   f"({result['layer_speedup']:.2f}x layer speed-up)")
     else:  # verbs whose module owns its whole run
         runners = {"benchmark": benchmark.run, "demo": benchmark.run_demo, "predict": predict.run,
-                   "serve": serve.run, "generate": generate.run, "benchmark-lm": benchmark_lm.run}
+                   "serve": serve.run, "generate": generate.run, "benchmark-lm": benchmark_lm.run,
+                   "train-lm": train_lm.run}
         return runners[args.verb](args)
     return 0
 

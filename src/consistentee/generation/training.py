@@ -14,45 +14,70 @@ Exits in training follow inference: a token that exits at layer e keeps its stat
 Policy and reward are indexed by the position whose hidden state decided, and that position's target is the
 next token (METHOD.md section 8: the authors' code was off by one here).
 
-Resumes at stage granularity: each finished stage is a saved exits directory in the run directory.
+Resumes at stage granularity: each finished stage is a saved exits directory in the run directory; the
+memorized layers are kept in ``memorized.safetensors``.
+
+Runs under ``accelerate launch`` (DDP, gloo on CPU processes or NCCL): ``batch_size`` is per process, and N
+processes with batch b train like one process with batch N*b (same sequences, same sampled positions and exits,
+gradients of the same global mean; :class:`Shards`). With one process the numbers are the single-process loops'.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from consistentee.generation.data import lm_chunks
 from consistentee.generation.decoder import EarlyExitLM
+from consistentee.training.policy import all_reduce_grads
 from consistentee.training.rl import (
+    REWARD_QUALITIES,
+    batch_rms,
     group_baseline_advantage,
     masked_trajectory_log_prob,
     sample_exit_actions,
 )
-from consistentee.utils.io import write_json
+from consistentee.training.stage1 import shard_steps
+from consistentee.utils.io import save_with, write_json
 from consistentee.utils.runtime import set_seed
+
+#: Memorized layer per (RL chunk, position), written once after stage 1.
+MEMORIZED_FILE = "memorized.safetensors"
+MEMORIZED_KEY = "memorized"
 
 
 @dataclass
 class LMTrainConfig:
     seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=4, metadata={"help": "sequences per step"})
+    batch_size: int = field(default=4, metadata={
+        "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
     stage1_steps: int = field(default=100, metadata={"help": "stage-1 steps (exit heads)"})
     head_positions: int = field(default=32, metadata={"help": "positions per sequence with an exit-head CE (cost bound)"})
     lr_heads: float = field(default=2e-3, metadata={"help": "learning rate of the exit heads"})
-    memorize_chunks: int = field(default=16, metadata={"help": "sequences used by stage 2 (memorized layers computed once)"})
+    memorize_chunks: int = field(default=16, metadata={
+        "help": "sequences used by stages 2 and 3, all processes together (memorized layers computed once)"})
     stage2_steps: int = field(default=40, metadata={"help": "stage-2 steps (policy)"})
     rollouts: int = field(default=4, metadata={"help": "rollouts per sequence (group baseline)"})
     lr_policy: float = field(default=3e-3, metadata={"help": "learning rate of the policies"})
     beta: float = field(default=0.05, metadata={"help": "depth cost per layer in the reward"})
     reward: str = field(default="hardness", metadata={"help": "hardness: -beta*(1-m/L)*e; cost: -beta*e",
                                                       "choices": ("hardness", "cost")})
+    reward_quality: str = field(default="correct", metadata={
+        "help": "the reward's quality term at the exit: correct (1 when the exit's argmax is the target token) or "
+                "log_prob (log q_e(target), METHOD.md; it punishes confident early mistakes so hard that the "
+                "policies learn never to exit)", "choices": REWARD_QUALITIES})
+    advantage_norm: str = field(default="batch_std", metadata={
+        "help": "batch_std: one advantage scale for the global batch; group_std: per (sequence, position) group "
+                "of K rollouts", "choices": ("batch_std", "group_std")})
     target: str = field(default="gold", metadata={
         "help": "what an exit must predict: the gold next token, or the full model's greedy token",
         "choices": ("gold", "full")})
@@ -89,7 +114,8 @@ def shifted_targets(ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Te
 
 
 def token_rewards(log_q_exit: Tensor, exit_layer: Tensor, weight: Tensor, beta: float) -> Tensor:
-    """Per-token reward [N, T]: log q_e(target) - beta * w * e (detached)."""
+    """Per-token reward [N, T]: quality - beta * w * e (detached); the quality is log q_e(target) or the 0/1
+    correctness of the exit's argmax."""
     return (log_q_exit.detach() - beta * weight.to(log_q_exit.dtype) * exit_layer.to(log_q_exit.dtype)).detach()
 
 
@@ -137,8 +163,9 @@ def run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None = None, 
 
 
 def exit_log_probs_at(model: EarlyExitLM, states: dict[int, Tensor], exit_layer: Tensor, targets: Tensor,
-                      grad: bool = False, only: Tensor | None = None) -> Tensor:
-    """log q_e(target) [N, T] with each position's head at its own exit layer (0 where ``only`` is False)."""
+                      grad: bool = False, only: Tensor | None = None, correct: Tensor | None = None) -> Tensor:
+    """log q_e(target) [N, T] with each position's head at its own exit layer (0 where ``only`` is False); when
+    ``correct`` (a bool [N, T] tensor) is given, it is filled with whether that head's argmax is the target."""
     out = torch.zeros(exit_layer.shape, dtype=torch.float32, device=exit_layer.device)
     for layer in model.exit_layers:
         sel = exit_layer == layer
@@ -150,42 +177,163 @@ def exit_log_probs_at(model: EarlyExitLM, states: dict[int, Tensor], exit_layer:
             logits = model.head_logits(layer, states[layer][sel])
             lp = F.log_softmax(logits.float(), -1).gather(-1, targets[sel].unsqueeze(-1)).squeeze(-1)
             out = out.index_put(sel.nonzero(as_tuple=True), lp)
+            if correct is not None:
+                correct[sel] = logits.argmax(-1) == targets[sel]
     return out
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def lm_accelerator(device: torch.device | str) -> Accelerator:
+    """The Accelerator of decoder exit training: CPU processes (gloo) when ``device`` is the CPU; float32 always
+    (the frozen backbone runs in its own dtype, no autocast), whatever the launcher's config says."""
+    return Accelerator(cpu=torch.device(device).type == "cpu", mixed_precision="no")
+
+
+@dataclass
+class Shards:
+    """This process's part of each global step, and the collectives that make N processes train like one.
+
+    Global step k covers the ``batch_size * N`` sequences one process with that batch would see (a cyclic window
+    of the seeded chunks); process p takes the p-th slice of ``batch_size`` of them, and a sequence's K rollouts
+    stay on its process. Random draws (stage-1 positions, sampled exits) are made for the whole global step on
+    every process with the same generator and each keeps its rows (:meth:`pad`, :meth:`mine`), so they do not
+    depend on N. The model is not wrapped in DDP (the layer loop calls the layers one by one and the heads a
+    token reaches differ between processes); gradients are averaged with policy.py's one-collective all-reduce.
+    With one process every helper is the identity: the numbers are those of the single-process loops.
+    """
+
+    accelerator: Accelerator
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def step_rows(self, step: int, batch_size: int, num_chunks: int) -> Tensor:
+        """Chunk indices this process trains on at global step ``step`` (``batch_size`` per process)."""
+        size = batch_size * self.world
+        return self.mine((step * size + torch.arange(size)) % num_chunks)
+
+    def mine(self, rows: Tensor) -> Tensor:
+        """This process's equal slice of a tensor whose rows cover the global step."""
+        if self.world == 1:
+            return rows
+        n = rows.shape[0] // self.world
+        return rows[self.rank * n:(self.rank + 1) * n]
+
+    def pad(self, local: Tensor) -> Tensor:
+        """A global-step-sized tensor with ``local`` at this process's rows (zeros elsewhere)."""
+        if self.world == 1:
+            return local
+        out = local.new_zeros((local.shape[0] * self.world, *local.shape[1:]))
+        out[self.rank * local.shape[0]:(self.rank + 1) * local.shape[0]] = local
+        return out
+
+    def total(self, x: Tensor) -> Tensor:
+        """Sum over processes."""
+        return x if self.world == 1 else self.accelerator.reduce(x, reduction="sum")
+
+    def mean_value(self, loss: Tensor) -> float:
+        """The global step's loss for the log: the mean over processes of their losses (each is N times its
+        share of the global mean)."""
+        return loss.item() if self.world == 1 else self.accelerator.reduce(loss.detach(), reduction="mean").item()
+
+    def mean_of(self, values: Tensor) -> float:
+        """Mean of ``values`` over all processes' elements (a logged metric)."""
+        if self.world == 1:
+            return float(values.mean())
+        sums = self.total(torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)]))
+        return float(sums[0] / sums[1])
+
+    def sync_grads(self, params: list[nn.Parameter]) -> None:
+        """Average the gradients over processes (after the backward, before the optimizer step)."""
+        if self.world > 1:
+            all_reduce_grads(self.accelerator, params)
+
+    def broadcast_exits(self, model: EarlyExitLM) -> None:
+        """Every process starts from the main process's exit heads and policies."""
+        if self.world > 1:
+            with torch.no_grad():
+                for tensor in model.trainable_modules().state_dict().values():
+                    broadcast(tensor, from_process=0)
+
+    def on_main(self, write: Callable[[], None]) -> None:
+        """Run ``write`` on the main process only, between barriers (the others see the finished file)."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            write()
+        self.accelerator.wait_for_everyone()
+
+    def log(self, progress: bool, msg: str) -> None:
+        if progress and self.is_main:
+            print(msg, flush=True)
+
+
+def process_share(total: Tensor, global_count: Tensor, world: int) -> Tensor:
+    """This process's part of a mean over the global step: its sum / the global count, times N, so that the
+    processes' averaged gradients are those of the global mean (with one process: ``total / count``)."""
+    return total / global_count * world
+
+
+def _shards(model: EarlyExitLM, accelerator: Accelerator | None) -> Shards:
+    return Shards(accelerator if accelerator is not None else lm_accelerator(model.device))
+
+
+def _sampled_exits(model: EarlyExitLM, gen: torch.Generator, shards: Shards) -> Callable[[int, Tensor], Tensor]:
+    """``decide`` for :func:`run_with_exits`: exit actions sampled from the policies, the noise drawn for the
+    global step (see :class:`Shards`)."""
+
+    def decide(layer: int, h: Tensor) -> Tensor:
+        return shards.mine(sample_exit_actions(shards.pad(model.policy_prob(layer, h)), gen))
+
+    return decide
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def _log(progress: bool, msg: str) -> None:
-    if progress:
-        print(msg, flush=True)
-
-
-def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True) -> list[float]:
+def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True,
+           accelerator: Accelerator | None = None) -> list[float]:
+    """Exit heads on the weighted per-exit CE; returns the global step losses."""
+    shards = _shards(model, accelerator)
     heads = [layer for layer in model.exit_layers[:-1]]
     opt = torch.optim.Adam(model.heads.parameters(), lr=cfg.lr_heads)
+    params = list(model.heads.parameters())
     weights = torch.tensor(heads, dtype=torch.float32)
     weights = weights / weights.sum()
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for step in range(cfg.stage1_steps):
-        batch = chunks[(step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(chunks)].to(model.device)
+        batch = chunks[shards.step_rows(step, cfg.batch_size, len(chunks))].to(model.device)
         states, _ = run_with_exits(model, batch)
         targets, valid = shifted_targets(batch)
         n, t = batch.shape
-        pos = torch.stack([torch.randperm(t - 1, generator=gen)[: cfg.head_positions] for _ in range(n)])
+        # positions of every sequence of the global step, drawn in order; this process keeps its rows
+        pos = shards.mine(torch.stack([torch.randperm(t - 1, generator=gen)[: cfg.head_positions]
+                                       for _ in range(n * shards.world)]))
         rows = torch.arange(n).unsqueeze(1).expand_as(pos)
         tgt = targets[rows, pos]
+        # every process has the same number of positions: the mean of the processes' means is the global mean
         loss = 0.0
         for w, layer in zip(weights.tolist(), heads, strict=True):
             logits = model.head_logits(layer, states[layer][rows, pos])
             loss = loss + w * F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
         opt.zero_grad()
         loss.backward()
+        shards.sync_grads(params)
         opt.step()
-        losses.append(loss.item())
+        losses.append(shards.mean_value(loss))
         if step % 10 == 0 or step == cfg.stage1_steps - 1:
-            _log(progress, f"stage 1 step {step + 1}/{cfg.stage1_steps}: weighted exit CE {loss.item():.3f}")
+            shards.log(progress, f"stage 1 step {step + 1}/{cfg.stage1_steps}: weighted exit CE {losses[-1]:.3f}")
     return losses
 
 
@@ -196,34 +344,40 @@ def full_targets(model: EarlyExitLM, states: dict[int, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def compute_memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig) -> Tensor:
-    out = []
-    for start in range(0, len(chunks), cfg.batch_size):
-        batch = chunks[start:start + cfg.batch_size].to(model.device)
+def compute_memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig,
+                      accelerator: Accelerator | None = None) -> Tensor:
+    """Memorized layer of every chunk and position [len(chunks), T], on every process: each process computes its
+    slices of batches of ``batch_size * N`` chunks, and the rows are summed over processes in their order."""
+    shards = _shards(model, accelerator)
+    out = torch.zeros(chunks.shape, dtype=torch.long, device=model.device)
+    for shard in shard_steps(list(range(len(chunks))), cfg.batch_size, shards.world, shards.rank):
+        if not any(shard.weights):  # a filler: this process has no chunk in the short last batch
+            continue
+        batch = chunks[shard.indices].to(model.device)
         states, _ = run_with_exits(model, batch)
         targets = full_targets(model, states) if cfg.target == "full" else shifted_targets(batch)[0]
         preds = torch.stack([model.head_logits(layer, states[layer]).argmax(-1) for layer in model.exit_layers], -1)
-        out.append(memorized_layers(preds, targets, model.exit_layers))
-    return torch.cat(out)
+        out[shard.indices] = memorized_layers(preds, targets, model.exit_layers)
+    return shards.total(out)
 
 
 def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainConfig,
-           progress: bool = True) -> list[dict]:
+           progress: bool = True, accelerator: Accelerator | None = None) -> list[dict]:
+    """The per-token policies by REINFORCE with a group baseline; returns one record per global step."""
+    shards = _shards(model, accelerator)
     L = model.num_layers
     exits = model.exit_layers
     opt = torch.optim.Adam(model.policies.parameters(), lr=cfg.lr_policy)
+    params = list(model.policies.parameters())
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed + 1)
+    decide = _sampled_exits(model, gen, shards)
     freeze = cfg.train_kv == "propagate"
     k = cfg.rollouts
     history = []
     for step in range(cfg.stage2_steps):
-        idx = (step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(chunks)
+        idx = shards.step_rows(step, cfg.batch_size, len(chunks))
         batch = chunks[idx].to(model.device).repeat_interleave(k, 0)  # rollouts of a sequence are consecutive
         mem = memorized[idx].to(model.device).repeat_interleave(k, 0)
-
-        def decide(layer, h):
-            return sample_exit_actions(model.policy_prob(layer, h), gen)
-
         states, exit_layer = run_with_exits(model, batch, decide=decide, freeze=freeze)
         if cfg.target == "full":
             with torch.no_grad():
@@ -232,92 +386,118 @@ def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainCo
             valid = shifted_targets(batch)[1]
         else:
             targets, valid = shifted_targets(batch)
-        log_q = exit_log_probs_at(model, states, exit_layer, targets, only=valid)
+        right = torch.zeros_like(valid)
+        log_q = exit_log_probs_at(model, states, exit_layer, targets, only=valid, correct=right)
+        quality = log_q if cfg.reward_quality == "log_prob" else right.float()
         weight = (1.0 - mem.float() / L) if cfg.reward == "hardness" else torch.ones_like(mem, dtype=torch.float32)
-        reward = token_rewards(log_q, exit_layer, weight, cfg.beta)  # [N*K, T]
+        reward = token_rewards(quality, exit_layer, weight, cfg.beta)  # [N*K, T]
         # group baseline per (sequence, position): groups of K consecutive values
         n = batch.shape[0] // k
         r = reward.view(n, k, -1).transpose(1, 2).reshape(-1)
-        adv = group_baseline_advantage(r, k, normalize="group_std").view(n, -1, k).transpose(1, 2).reshape(reward.shape)
+        per_group = "group_std" if cfg.advantage_norm == "group_std" else "none"
+        adv = group_baseline_advantage(r, k, normalize=per_group).view(n, -1, k).transpose(1, 2).reshape(reward.shape)
+        if cfg.advantage_norm == "batch_std":  # one scale over every process's valid tokens
+            adv = adv / (batch_rms(adv, valid.float(), shards.total) + 1e-2)
         # log pi of each token's trajectory, with gradient through the policies at the states they saw
         p = torch.stack([model.policy_prob(layer, states[layer]) for layer in exits[:-1]], -1)  # [N*K, T, n-1]
         exit_index = torch.searchsorted(torch.tensor(exits, device=batch.device), exit_layer) + 1
         logpi = masked_trajectory_log_prob(p.flatten(0, 1), exit_index.flatten()).view(exit_layer.shape)
         v = valid.float()
-        loss = -(adv * logpi * v).sum() / v.sum().clamp(min=1)
+        loss = process_share(-(adv * logpi * v).sum(), shards.total(v.sum()).clamp(min=1), shards.world)
         opt.zero_grad()
         loss.backward()
+        shards.sync_grads(params)
         opt.step()
-        rec = {"step": step + 1, "loss": loss.item(), "mean_exit": float(exit_layer[valid].float().mean()),
-               "log_q": float(log_q[valid].mean())}
+        rec = {"step": step + 1, "loss": shards.mean_value(loss),
+               "mean_exit": shards.mean_of(exit_layer[valid].float()), "log_q": shards.mean_of(log_q[valid])}
         history.append(rec)
         if step % 5 == 0 or step == cfg.stage2_steps - 1:
-            _log(progress, f"stage 2 step {step + 1}/{cfg.stage2_steps}: mean exit {rec['mean_exit']:.2f}, "
-                           f"log q {rec['log_q']:.3f}")
+            shards.log(progress, f"stage 2 step {step + 1}/{cfg.stage2_steps}: mean exit {rec['mean_exit']:.2f}, "
+                                 f"log q {rec['log_q']:.3f}")
     return history
 
 
-def stage3(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True) -> list[float]:
+def stage3(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True,
+           accelerator: Accelerator | None = None) -> list[float]:
+    """Exit heads trained at the exits the policies take; returns the losses of the steps that trained."""
+    shards = _shards(model, accelerator)
     opt = torch.optim.Adam(model.heads.parameters(), lr=cfg.lr_heads / 2)
+    params = list(model.heads.parameters())
     gen = torch.Generator(device=model.device).manual_seed(cfg.seed + 2)
+    decide = _sampled_exits(model, gen, shards)
     freeze = cfg.train_kv == "propagate"
     losses = []
     for step in range(cfg.stage3_steps):
-        idx = (step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(chunks)
-        batch = chunks[idx].to(model.device)
-
-        def decide(layer, h):
-            return sample_exit_actions(model.policy_prob(layer, h), gen)
-
+        batch = chunks[shards.step_rows(step, cfg.batch_size, len(chunks))].to(model.device)
         states, exit_layer = run_with_exits(model, batch, decide=decide, freeze=freeze)
         targets, valid = shifted_targets(batch)
         trainable = valid & (exit_layer < model.num_layers)
-        if not bool(trainable.any()):
+        count = shards.total(trainable.sum())
+        if not bool(count > 0):  # no process has a token that exited early
             continue
         lp = exit_log_probs_at(model, states, exit_layer, targets, grad=True, only=trainable)
-        loss = -(lp * trainable).sum() / trainable.sum()
+        loss = process_share(-(lp * trainable).sum(), count, shards.world)
         opt.zero_grad()
-        loss.backward()
+        if loss.requires_grad:  # False on a process none of whose tokens exited early
+            loss.backward()
+        shards.sync_grads(params)
         opt.step()
-        losses.append(loss.item())
+        losses.append(shards.mean_value(loss))
         if step % 5 == 0 or step == cfg.stage3_steps - 1:
-            _log(progress, f"stage 3 step {step + 1}/{cfg.stage3_steps}: CE at the policy's exits {loss.item():.3f}")
+            shards.log(progress, f"stage 3 step {step + 1}/{cfg.stage3_steps}: CE at the policy's exits "
+                                 f"{losses[-1]:.3f}")
     return losses
 
 
+def _memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, path: Path, shards: Shards) -> Tensor:
+    """The memorized layers of the RL chunks: computed once (sharded over processes), kept in ``path``."""
+    if path.is_file():
+        memorized = load_file(str(path))[MEMORIZED_KEY]
+        if memorized.shape != chunks.shape:
+            raise ValueError(f"{path}: memorized layers of shape {tuple(memorized.shape)}, the run's chunks are "
+                             f"{tuple(chunks.shape)}; delete the file or use another run directory")
+        return memorized
+    memorized = compute_memorized(model, chunks, cfg, shards.accelerator)
+    tensors = {MEMORIZED_KEY: memorized.cpu().contiguous()}
+    shards.on_main(lambda: save_with(path, lambda tmp: save_file(tensors, str(tmp))))
+    return memorized
+
+
 def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrainConfig,
-                progress: bool = True) -> Path:
-    """Stages 1 -> memorized -> 2 -> 3 into ``run_dir`` (each stage skipped when already saved)."""
+                progress: bool = True, accelerator: Accelerator | None = None) -> Path:
+    """Stages 1 -> memorized -> 2 -> 3 into ``run_dir`` (each stage skipped when already saved).
+
+    Under ``accelerate launch`` every process calls this; ``cfg.batch_size`` is per process (global batch
+    ``batch_size * N``), ``memorize_chunks`` counts all processes' sequences, and only the main process writes."""
+    shards = _shards(model, accelerator)
+    model.to(shards.accelerator.device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     model.base.requires_grad_(False)
-    write_json(run_dir / "train_config.json", asdict(cfg))
-    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.stage1_steps * cfg.batch_size, cfg.seed)
+    shards.broadcast_exits(model)
+    shards.on_main(lambda: write_json(run_dir / "train_config.json", asdict(cfg)))
+    global_batch = cfg.batch_size * shards.world
+    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.stage1_steps * global_batch, cfg.seed)
     rl_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.memorize_chunks, cfg.seed,
-                          offset=cfg.stage1_steps * cfg.batch_size)
+                          offset=cfg.stage1_steps * global_batch)
     timings = {}
     for name in ("stage1", "stage2", "stage3"):
         if (run_dir / name / "exits_config.json").is_file():
             loaded = EarlyExitLM.load_exits(run_dir / name, model.base)
             model.trainable_modules().load_state_dict(loaded.trainable_modules().state_dict())
-            _log(progress, f"{name}: already done, loaded")
+            shards.log(progress, f"{name}: already done, loaded")
             continue
         start = time.perf_counter()
         if name == "stage1":
-            stage1(model, s1_chunks, cfg, progress)
+            stage1(model, s1_chunks, cfg, progress, shards.accelerator)
         elif name == "stage2":
-            mem_path = run_dir / "memorized.pt"
-            if mem_path.is_file():
-                memorized = torch.load(mem_path, weights_only=True)
-            else:
-                memorized = compute_memorized(model, rl_chunks, cfg)
-                torch.save(memorized, mem_path)
-            _log(progress, f"memorized layers: mean {memorized.float().mean():.2f}")
-            stage2(model, rl_chunks, memorized, cfg, progress)
+            memorized = _memorized(model, rl_chunks, cfg, run_dir / MEMORIZED_FILE, shards)
+            shards.log(progress, f"memorized layers: mean {memorized.float().mean():.2f}")
+            stage2(model, rl_chunks, memorized, cfg, progress, shards.accelerator)
         else:
-            stage3(model, rl_chunks, cfg, progress)
+            stage3(model, rl_chunks, cfg, progress, shards.accelerator)
         timings[name] = time.perf_counter() - start
-        model.save_exits(run_dir / name, {"train": asdict(cfg)})
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+        shards.on_main(lambda name=name: model.save_exits(run_dir / name, {"train": asdict(cfg)}))
+    shards.on_main(lambda: write_json(run_dir / "timings.json", timings))
     return run_dir / "stage3"

@@ -1,0 +1,59 @@
+"""``consistentee train-lm``: train the exits of a decoder LM (stages 1-3 on WikiText-2) into RUN_DIR/exits.
+
+The backbone stays frozen; exit heads and per-token policies are trained (stage 1: heads, memorized layers,
+stage 2: policies, stage 3: heads at the policies' exits), each stage saved when done and skipped when re-run.
+Runs under ``accelerate launch`` too (e.g. ``--config_file examples/accelerate/ddp_cpu.yaml --num_processes 2
+-m consistentee.cli.main train-lm --device cpu ...``): --batch-size is per process, and N processes with batch b
+train like one process with batch N*b. Use the exits with ``generate --exits-dir`` or ``benchmark-lm --exits-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from consistentee.cli.options import add_dataclass_options, dataclass_from_args
+from consistentee.generation.benchmark import BenchmarkLMConfig
+from consistentee.generation.training import LMTrainConfig
+
+#: The options of ``benchmark-lm`` that choose the model and its exits (shared, so the two verbs agree).
+MODEL_OPTIONS = ("model", "exit_every", "adapter_rank")
+
+
+def add_parser(verbs) -> argparse.ArgumentParser:
+    from consistentee.cli.main import _Formatter, common_options
+
+    parser = verbs.add_parser(
+        "train-lm", formatter_class=_Formatter, help="train early exits of a decoder LM (stages 1-3)",
+        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
+    )
+    parser.add_argument("--run-dir", required=True, help="directory for the trained exits (RUN_DIR/exits)")
+    skip = tuple(f.name for f in dataclasses.fields(BenchmarkLMConfig) if f.name not in MODEL_OPTIONS)
+    add_dataclass_options(parser.add_argument_group("model"), BenchmarkLMConfig, skip=skip)
+    add_dataclass_options(parser.add_argument_group("training"), LMTrainConfig)
+    common_options(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
+    from consistentee.generation.loading import load_causal_lm
+    from consistentee.generation.training import lm_accelerator, train_exits
+    from consistentee.utils.runtime import resolve_device, set_seed
+
+    cfg = dataclass_from_args(LMTrainConfig, args)
+    if args.exit_every < 1:
+        raise ValueError(f"--exit-every must be >= 1, got {args.exit_every}")
+    accelerator = lm_accelerator(resolve_device(args.device))
+    set_seed(cfg.seed)  # the same initial exits on every process
+    with accelerator.main_process_first():  # a built-in model is converted into the cache once
+        base, tokenizer = load_causal_lm(args.model, accelerator.device)
+    layers = base.config.num_hidden_layers
+    exits = ExitsConfig(exit_layers=list(range(args.exit_every, layers + 1, args.exit_every)),
+                        adapter_rank=args.adapter_rank)
+    model = EarlyExitLM(base, exits)
+    out = train_exits(model, tokenizer, Path(args.run_dir) / "exits", cfg, args.progress, accelerator=accelerator)
+    if accelerator.is_main_process:
+        print(f"trained exits: {out}")
+    return 0
