@@ -195,6 +195,7 @@ def test_benchmark_config_validation_and_demo_settings():
         BenchmarkConfig(thresholds="1.5")
     demo = demo_settings()
     assert demo.data.dataset == "rt-snippets" and demo.model.model == "minilm"
-    assert demo.stage1.epochs == 1 and demo.bench.beta_values() == [0.05, 0.1, 0.15]
-    assert demo.policy.joint_epochs == 0 and demo.data.max_train_examples == 3000
+    assert demo.stage1.epochs == 1 and demo.bench.beta_values() == [0.03, 0.05, 0.07]
+    assert demo.policy.joint_epochs == 1 and demo.data.max_train_examples == 3000
+    assert demo.data.policy_holdout == 0.2  # policies never learn from examples stage 1 fitted
     assert demo.to_json()["bench"]["wall_batch_size"] == 32

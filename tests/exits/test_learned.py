@@ -102,3 +102,24 @@ def test_cache_and_training_keep_the_model_frozen(tiny_encoder_dir):
                                 progress=False)
     assert heads.num_layers == 3 and heads.hidden_size == 32
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cache_of_a_subset_has_one_row_per_subset_item_in_order(tiny_encoder_dir):
+    """Learned heads and policies fit on a held-out part of the train split: row i of the cache is item i of the
+    subset, whatever the items' indices in the full split."""
+    from torch.utils.data import Subset
+
+    from consistentee.model.modeling import EarlyExitForSequenceClassification
+
+    torch.manual_seed(0)
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["neg", "pos"], pooling="mean")
+    rows = [[101, 2000 + i, 2001 + (i % 3), 102][: 3 + i % 2] for i in range(10)]
+    data = EncodedSplit([f"x{i}" for i in range(10)], {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]},
+                        [i % 2 for i in range(10)])
+    collate = DataCollator(0)
+    full = cache_pooled_states(model, data, collate, batch_size=3, progress=False)
+    picked = [7, 8, 2]
+    part = cache_pooled_states(model, Subset(data, picked), collate, batch_size=2, progress=False)
+    assert part.pooled.shape[0] == 3
+    assert torch.allclose(part.pooled, full.pooled[picked], atol=1e-5)
+    assert part.labels.tolist() == [1, 0, 0] and part.seq_lens.tolist() == [len(rows[i]) for i in picked]

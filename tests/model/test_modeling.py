@@ -121,3 +121,21 @@ def test_policies_can_also_read_the_exit_classifier_confidence(tiny_encoder_dir,
     assert torch.equal(before, loaded(**batch).policy_logits)
     with pytest.raises(ModelFormatError, match="policy features"):
         EarlyExitConfig(backbone={}, label_names=["a", "b"], policy_features="logits")
+
+
+def test_confidence_only_policies_read_three_numbers_and_ignore_the_rest_of_the_state(tiny_encoder_dir, tmp_path):
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, LABELS, pooling="mean").eval()
+    model.reset_policies("confidence", 8)
+    assert model.policies[0].net[0].in_features == 3
+    pooled = torch.randn(4, 32)
+    # a state change the classifier cannot see (orthogonal to its weights) leaves the decision unchanged
+    w = model.exits[0].weight.detach()
+    shift = torch.randn(32)
+    shift -= w.T @ torch.linalg.lstsq(w.T, shift.unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(model.policy_logits(0, pooled), model.policy_logits(0, pooled + 5 * shift), atol=1e-5)
+    batch = _batch(tiny_encoder_dir)
+    before = model(**batch).policy_logits
+    model.save_pretrained(tmp_path / "m")
+    loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert loaded.config.policy_features == "confidence"
+    assert torch.equal(before, loaded(**batch).policy_logits)

@@ -423,3 +423,25 @@ def test_group_std_normalisation_gives_every_group_the_same_scale():
     assert torch.equal(group_baseline_advantage(torch.full((4,), -2.0), 4, normalize="group_std"), torch.zeros(4))
     with pytest.raises(ValueError, match="normalisation"):
         group_baseline_advantage(rewards, 4, normalize="zscore")
+
+
+def test_batch_std_normalisation_keeps_the_ratio_between_groups():
+    """A group whose rollouts differ only by the depth cost keeps small advantages next to a group where exiting
+    early changes the answer (0/1 quality): one scale for the whole batch, not one per group."""
+    from consistentee.training.rl import batch_rms, group_baseline_advantage
+
+    cost_only = [1.0 - 0.01 * e for e in (1, 2, 3, 4)]  # always right; deeper costs a little
+    decisive = [0.0, 0.98, 0.97, 0.0]  # wrong when it exits too early or at the wrong place
+    rewards = torch.tensor(cost_only + decisive)
+    plain = group_baseline_advantage(rewards, 4)
+    batch = group_baseline_advantage(rewards, 4, normalize="batch_std", eps=0.0)
+    per_group = group_baseline_advantage(rewards, 4, normalize="group_std", eps=0.0)
+    ratio = lambda a: a.view(2, 4).abs().max(1).values  # noqa: E731
+    assert torch.allclose(ratio(batch)[0] / ratio(batch)[1], ratio(plain)[0] / ratio(plain)[1])
+    assert ratio(per_group)[0] / ratio(per_group)[1] > 0.5  # group_std blows the cost-only group up
+    assert torch.allclose(batch.pow(2).mean().sqrt(), torch.tensor(1.0))
+    # across processes: rows with weight 0 (fillers) are left out, and the reduced sums set the scale
+    values, weight = torch.tensor([3.0, 4.0, 100.0]), torch.tensor([1.0, 1.0, 0.0])
+    assert torch.isclose(batch_rms(values, weight), torch.tensor(12.5).sqrt())
+    doubled = batch_rms(values, weight, total=lambda sums: sums + torch.tensor([0.0, 2.0]))  # 2 more zero rows
+    assert torch.isclose(doubled, torch.tensor(25.0 / 4).sqrt())

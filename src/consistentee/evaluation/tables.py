@@ -56,16 +56,19 @@ def collect_exit_tables(
     desc: str = "exits",
     return_pooled: bool = False,
 ) -> ExitTables:
-    """Run ``model`` at full depth over ``dataset`` (items carry an ``index``) in eval mode; with
-    ``return_pooled`` also keep the pooled state after every layer (what learned exit heads train on)."""
+    """Run ``model`` at full depth over ``dataset`` in eval mode; row i of the tables is the dataset's item i
+    (also for a ``Subset``); with ``return_pooled`` also keep the pooled state after every layer (what learned
+    exit heads train on)."""
     was_training = model.training
     model.eval()
     n = len(dataset)
     probs = policy = labels = pooled = None
     seq_lens = torch.zeros(n, dtype=torch.long)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    start = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
-        index = batch["index"]
+        index = torch.arange(start, start + batch["input_ids"].shape[0])
+        start += len(index)
         out = model(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),

@@ -10,8 +10,8 @@ from consistentee.model.backbone import POOLING_METHODS
 #: Written into config.json so a directory of another kind is recognised and refused.
 MODEL_KIND = "consistentee-early-exit-encoder"
 FORMAT_VERSION = 1
-POLICY_FEATURES = ("state", "state+confidence")
-#: Number of classifier-derived features added by ``state+confidence``.
+POLICY_FEATURES = ("state", "state+confidence", "confidence")
+#: Number of classifier-derived features read by ``state+confidence`` and ``confidence``.
 CONFIDENCE_FEATURES = 3
 
 
@@ -33,8 +33,9 @@ class EarlyExitConfig:
     pooling: str = "mean"
     #: Hidden width of each layer's policy MLP (inputs -> policy_hidden_size -> 1).
     policy_hidden_size: int = 32
-    #: What each policy reads: ``state`` (the pooled state, METHOD.md section 2) or ``state+confidence``
-    #: (also the max probability, normalised entropy and top-2 margin of that layer's exit classifier).
+    #: What each policy reads: ``state`` (the pooled state, METHOD.md section 2), ``state+confidence``
+    #: (also the max probability, normalised entropy and top-2 margin of that layer's exit classifier) or
+    #: ``confidence`` (those three alone: a per-layer learned exit function of the classifier's confidence).
     policy_features: str = "state"
     #: Dropout on the pooled state before each exit classifier.
     classifier_dropout: float = 0.1

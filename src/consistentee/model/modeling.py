@@ -78,7 +78,8 @@ class EarlyExitForSequenceClassification(nn.Module):
         rewards of hard inputs before it learns to tell inputs apart.
         """
         self.config = replace(self.config, policy_features=features, policy_hidden_size=hidden_size)
-        inputs = self.backbone.hidden_size + (CONFIDENCE_FEATURES if features == "state+confidence" else 0)
+        inputs = {"state": self.backbone.hidden_size, "state+confidence": self.backbone.hidden_size + CONFIDENCE_FEATURES,
+                  "confidence": CONFIDENCE_FEATURES}[features]
         device = self.exits[0].weight.device
         self.policies = nn.ModuleList(
             PolicyNetwork(inputs, hidden_size) for _ in range(self.backbone.num_layers - 1)
@@ -147,7 +148,10 @@ class EarlyExitForSequenceClassification(nn.Module):
     def policy_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         if index >= self.num_layers - 1:
             raise IndexError("the last layer has no policy: exiting there is forced")
-        if self.config.policy_features == "state+confidence":
+        features = self.config.policy_features
+        if features == "confidence":
+            return self.policies[index](self.confidence_features(index, pooled))
+        if features == "state+confidence":
             pooled = torch.cat([pooled, self.confidence_features(index, pooled)], dim=-1)
         return self.policies[index](pooled)
 

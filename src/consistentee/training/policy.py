@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import Subset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -42,8 +41,10 @@ from consistentee.training.checkpoint import (
 from consistentee.training.rl import (
     ADVANTAGE_NORMS,
     HARDNESS,
+    REWARD_QUALITIES,
     REWARDS,
     EpsilonSchedule,
+    batch_rms,
     group_baseline_advantage,
     loss_hardness_weight,
     make_reward,
@@ -54,8 +55,9 @@ from consistentee.training.run import (
     PreparedData,
     load_run_model,
     load_run_settings,
+    policy_rows,
     split_tables,
-    train_partition,
+    train_subset,
 )
 from consistentee.training.stage1 import epoch_order, optimizer_for, shard_loader, shard_steps
 from consistentee.utils.io import read_json, write_json, write_text
@@ -73,21 +75,29 @@ class PolicyConfig:
     beta: float = field(default=0.05, metadata={"help": "depth cost per layer in the reward (>= 0)"})
     reward: str = field(default="hardness", metadata={
         "help": "hardness: log q - beta*w(x)*e; cost: log q - beta*e; accuracy: log q", "choices": tuple(REWARDS)})
+    reward_quality: str = field(default="correct", metadata={
+        "help": "the reward's quality term at the exit taken: log_prob (log q_e(y|x), METHOD.md) or correct "
+                "(1 when the exit's argmax is the label, else 0: the accuracy the model is judged by; log q punishes "
+                "a confident early mistake so hard that policies learn to avoid shallow exits)",
+        "choices": REWARD_QUALITIES})
     hardness: str = field(default="memorized", metadata={
         "help": "hardness signal w(x): memorized (1 - m/L) or loss (from the stage-1 final exit's loss)",
         "choices": tuple(HARDNESS)})
-    advantage_norm: str = field(default="group_std", metadata={
+    advantage_norm: str = field(default="batch_std", metadata={
         "help": "group_std: divide each example's advantages by the std of its K rewards (stops hard inputs from "
-                "drowning easy ones); none: the plain group-mean baseline", "choices": ADVANTAGE_NORMS})
-    policy_features: str = field(default="state", metadata={
-        "help": "what the policies read: state (the pooled layer state) or state+confidence (also max probability, "
-                "entropy and top-2 margin of that layer's exit classifier)", "choices": POLICY_FEATURES})
+                "drowning easy ones); batch_std: divide all advantages by one batch-wide scale (keeps the ratio "
+                "between inputs; use it with --reward-quality correct); none: the plain group-mean baseline",
+        "choices": ADVANTAGE_NORMS})
+    policy_features: str = field(default="confidence", metadata={
+        "help": "what the policies read: state (the pooled layer state), state+confidence (also max probability, "
+                "entropy and top-2 margin of that layer's exit classifier), or confidence (those three alone)",
+        "choices": POLICY_FEATURES})
     rollouts: int = field(default=8, metadata={"help": "K: rollouts per example (fresh dropout and actions)"})
     rounds: int = field(default=1, metadata={"help": "alternations of stage 2 and stage 3"})
     policy_epochs: int = field(default=1, metadata={"help": "stage-2 (policy only) epochs per round"})
     joint_epochs: int = field(default=1, metadata={"help": "stage-3 (consistent joint) epochs per round; 0 skips it"})
     policy_batch_size: int = field(default=32, metadata={"help": "examples per step (each rolled out K times)"})
-    policy_learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the policies"})
+    policy_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of the policies"})
     joint_learning_rate: float = field(default=2e-5, metadata={"help": "stage-3 learning rate of the backbone"})
     joint_head_learning_rate: float = field(default=2e-4, metadata={
         "help": "stage-3 learning rate of the classifiers and policies"})
@@ -112,6 +122,8 @@ class PolicyConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.reward not in REWARDS:
             raise ValueError(f"unknown reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.reward_quality not in REWARD_QUALITIES:
+            raise ValueError(f"reward_quality must be one of {', '.join(REWARD_QUALITIES)}, got {self.reward_quality!r}")
         if self.hardness not in HARDNESS:
             raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
         if self.joint_loss not in JOINT_LOSSES:
@@ -222,11 +234,11 @@ def train_policy(
 
     data_cfg, _ = load_run_settings(run_dir)
     ids = data.splits.train.ids
-    _, rows = train_partition(ids, data_cfg.policy_holdout, data_cfg.data_seed)
+    rows = policy_rows(data, data_cfg)
     if cfg.policy_train_examples is not None and cfg.policy_train_examples < len(rows):
         rank = {row: position for position, row in enumerate(seeded_order(ids, cfg.seed))}
         rows = sorted(sorted(rows, key=rank.__getitem__)[: cfg.policy_train_examples])
-    train_set = data.encoded["train"] if len(rows) == len(ids) else Subset(data.encoded["train"], rows)
+    train_set = train_subset(data, rows)
     reward_fn = make_reward(cfg.reward, cfg.beta)
     log_rows = _read_log(out / "log.csv")
 
@@ -351,15 +363,21 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             with accelerator.autocast():
                 ro = rollout(model, batch, train_backbone=joint, epsilon=eps, noise=noise,
                              expected_ce=joint and cfg.joint_loss == "expected")
-            reward = reward_fn(ro.log_q_exit.detach(), ro.exit_layer, weights[batch["index"]], num_layers)
-            advantage = group_baseline_advantage(reward, k, cfg.advantage_norm)
+            quality = ro.log_q_exit.detach() if cfg.reward_quality == "log_prob" else ro.correct.to(ro.log_q_exit.dtype)
+            reward = reward_fn(quality, ro.exit_layer, weights[batch["index"]], num_layers)
+            if cfg.advantage_norm == "batch_std":  # one scale for the global batch, the same on every process
+                advantage = group_baseline_advantage(reward, k, "none")
+                total = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else None
+                advantage = advantage / (batch_rms(advantage, row_weight, total) + 1e-2)
+            else:
+                advantage = group_baseline_advantage(reward, k, cfg.advantage_norm)
             loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
                 loss = loss + (ce * row_weight).sum()
             accelerator.backward(loss)
             if world > 1:
-                _all_reduce_grads(accelerator, params)
+                all_reduce_grads(accelerator, params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -388,7 +406,7 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     return log_rows
 
 
-def _all_reduce_grads(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
+def all_reduce_grads(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
     """Mean of every trainable gradient over processes, in one collective with the same layout everywhere."""
     flat = torch.cat([
         torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float(),

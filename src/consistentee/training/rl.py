@@ -24,8 +24,10 @@ from torch import Tensor
 
 __all__ = [
     "ADVANTAGE_NORMS",
+    "batch_rms",
     "HARDNESS",
     "REWARDS",
+    "REWARD_QUALITIES",
     "EpsilonSchedule",
     "RewardFn",
     "accuracy_only_reward",
@@ -225,8 +227,14 @@ def sample_exit_layers(
 # --------------------------------------------------------------------------- rewards
 
 
+#: What the reward's quality term measures at the exit taken (``log_q_exit`` of a RewardFn): the log-probability
+#: of the label, or 1/0 for a right/wrong argmax.
+REWARD_QUALITIES = ("log_prob", "correct")
+
+
 class RewardFn(Protocol):
-    """Terminal reward of an episode; returns a detached ``[N]`` tensor."""
+    """Terminal reward of an episode; returns a detached ``[N]`` tensor. ``log_q_exit`` is the quality term at the
+    exit taken: log q_e(y|x) by default, or the 0/1 correctness (``REWARD_QUALITIES``)."""
 
     def __call__(
         self, log_q_exit: Tensor, exit_layer: Tensor, hardness_weight: Tensor | None, num_layers: int
@@ -349,7 +357,7 @@ HARDNESS: dict[str, Callable[..., Tensor]] = {
 # --------------------------------------------------------------------------- estimators and losses
 
 
-ADVANTAGE_NORMS = ("group_std", "none")
+ADVANTAGE_NORMS = ("group_std", "batch_std", "none")
 
 
 def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", eps: float = 1e-2) -> Tensor:
@@ -360,6 +368,12 @@ def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", e
     beta * w * e, a fraction of a nat) by an order of magnitude; the shared policy then learns "always
     continue" before it learns to tell inputs apart, and exploration dies with it. ``eps`` keeps groups
     whose rewards differ only by dropout noise from being blown up to unit scale.
+
+    ``normalize="batch_std"`` divides all advantages by their root mean square over the batch (``batch_rms``
+    computes it across processes). Unlike ``group_std`` it keeps the ratio between inputs: a group whose
+    rollouts differ only by the depth cost keeps its small advantages instead of being blown up to the scale of
+    a group where exiting early changes the answer (with a 0/1 reward quality, group_std made every policy
+    exit at the first layer).
 
     k = 1 is rejected: the baseline would equal the reward and silently zero the gradient.
     """
@@ -373,7 +387,20 @@ def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", e
     advantage = r - r.mean(dim=1, keepdim=True)
     if normalize == "group_std":
         advantage = advantage / (r.std(dim=1, keepdim=True) + eps)
+    elif normalize == "batch_std":
+        advantage = advantage / (batch_rms(advantage) + eps)
     return advantage.reshape(-1)
+
+
+def batch_rms(values: Tensor, weight: Tensor | None = None, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Root mean square of ``values`` over the rows with ``weight`` > 0; ``total`` sums ``[sum, count]`` over
+    processes (e.g. ``accelerator.reduce``) so that every process scales by the same global figure."""
+    v = values.detach().float().reshape(-1)
+    mask = torch.ones_like(v) if weight is None else (weight.reshape(-1) > 0).float()
+    sums = torch.stack([(v.pow(2) * mask).sum(), mask.sum()])
+    if total is not None:
+        sums = total(sums)
+    return (sums[0] / sums[1].clamp(min=1)).sqrt()
 
 
 def policy_gradient_loss(log_prob: Tensor, advantage: Tensor) -> Tensor:

@@ -141,6 +141,19 @@ def train_partition(ids: list[str], holdout: float, seed: int) -> tuple[list[int
     return sorted(order[held:]), sorted(order[:held])
 
 
+def policy_rows(data: PreparedData, data_cfg: DataConfig) -> list[int]:
+    """Train-split rows that the learned exit rules (ConsistentEE policies, learned-exit heads) fit on: the
+    held-out partition when ``policy_holdout`` > 0 (exits judged on examples stage 1 never saw), else all rows."""
+    _, rows = train_partition(data.splits.train.ids, data_cfg.policy_holdout, data_cfg.data_seed)
+    return rows
+
+
+def train_subset(data: PreparedData, rows: list[int]):
+    """The encoded train split restricted to ``rows`` (the split itself when that is every row)."""
+    train_set = data.encoded["train"]
+    return train_set if len(rows) == len(train_set) else Subset(train_set, rows)
+
+
 def prepare_data(cfg: DataConfig, tokenizer, labels: LabelList | None = None) -> PreparedData:
     """Load, cut and tokenise; ``labels`` (a saved label list) fixes the ids when given."""
     splits = load_data(cfg)
@@ -258,11 +271,10 @@ def run_stage1(
             + f"; labels {', '.join(data.labels.names)}")
         log(f"model {model_cfg.model}: {model.num_layers} layers, pooling {model.config.pooling}")
     stage1_rows, _ = train_partition(data.splits.train.ids, data_cfg.policy_holdout, data_cfg.data_seed)
-    train_set = data.encoded["train"]
-    if len(stage1_rows) < len(train_set):
-        log(f"stage 1 trains on {len(stage1_rows)} examples; {len(train_set) - len(stage1_rows)} are held out "
-            "for the policy stages")
-        train_set = Subset(train_set, stage1_rows)
+    held_out = len(data.encoded["train"]) - len(stage1_rows)
+    if held_out:
+        log(f"stage 1 trains on {len(stage1_rows)} examples; {held_out} are held out for the policy stages")
+    train_set = train_subset(data, stage1_rows)
     train_stage1(model, tokenizer, train_set, data.encoded["dev"], data.collate, cfg,
                  run_dir / "stage1", device=device, progress=progress)
     return model
