@@ -1,0 +1,70 @@
+"""The ConsistentEE policy against the confidence rule on the *same* ConsistentEE model (test split).
+
+    python benchmarks/policy_vs_confidence.py RUN_DIR [BETA ...]
+
+The benchmark compares every rule on the stage-1 model, while ConsistentEE answers with its own model (stage 3
+changes the exits). This separates the two: each beta's model is run once, then the policy (thresholds swept)
+and the confidence rule (max probability, thresholds swept) pick the exits on the same per-layer tables. Printed:
+the best test accuracy each reaches at a layer speed-up of at least 1.5x, 1.75x, ... (the frontier).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from consistentee.evaluation.tables import collect_exit_tables
+from consistentee.model.modeling import EarlyExitForSequenceClassification
+from consistentee.training.policy import policy_model_dir
+from consistentee.training.run import load_run_model
+
+SPEEDUPS = (1.5, 1.75, 2.0, 2.25, 2.5)
+
+
+def first_exit_curve(scores: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
+                     thresholds) -> list[tuple[float, float]]:
+    """(accuracy %, layer speed-up) when each row exits at the first layer whose score is above the threshold."""
+    n, num_layers = probs.shape[:2]
+    points = []
+    for t in thresholds:
+        above = torch.cat([scores > t, torch.ones(n, 1, dtype=torch.bool)], dim=1)
+        exit_index = above.float().argmax(dim=1)  # the first True
+        predictions = probs[torch.arange(n), exit_index].argmax(-1)
+        accuracy = 100 * float((predictions == labels).float().mean())
+        points.append((accuracy, num_layers / float(exit_index.float().mean() + 1)))
+    return points
+
+
+def best_at(points: list[tuple[float, float]], speedup: float) -> float:
+    return max((acc for acc, s in points if s >= speedup), default=float("nan"))
+
+
+def main(run_dir: str, betas: list[float]) -> int:
+    torch.manual_seed(0)
+    _, data = load_run_model(run_dir, device="cpu")
+    print(f"test split of {run_dir}: best accuracy (%) at a layer speed-up of at least "
+          + ", ".join(f"{s}x" for s in SPEEDUPS))
+    print("| beta | full depth | rule | " + " | ".join(f"{s}x" for s in SPEEDUPS) + " |")
+    print("| ---: | ---: | :--- | " + " | ".join("---:" for _ in SPEEDUPS) + " |")
+    for beta in betas:
+        model = EarlyExitForSequenceClassification.from_pretrained(policy_model_dir(run_dir, beta), device="cpu")
+        tables = collect_exit_tables(model, data.encoded["test"], data.collate, progress=False)
+        full = 100 * float((tables.probs[:, -1].argmax(-1) == tables.labels).float().mean())
+        curves = {
+            "confidence": first_exit_curve(tables.probs.max(-1).values[:, :-1], tables.probs, tables.labels,
+                                           np.linspace(0.5, 1.0, 51)),
+            "consistentee": first_exit_curve(tables.policy_probs, tables.probs, tables.labels,
+                                             [*np.linspace(0.0, 0.95, 20), 0.97, 0.99]),
+        }
+        for rule, points in curves.items():
+            print(f"| {beta:g} | {full:.2f} | {rule} | " + " | ".join(f"{best_at(points, s):.1f}" for s in SPEEDUPS)
+                  + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    sys.exit(main(sys.argv[1], [float(b) for b in sys.argv[2:]]))
