@@ -43,23 +43,24 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _args(run_dir, model, batch) -> list[str]:
+def _args(run_dir, model, batch, lora_rank) -> list[str]:
     return ["train-lm", "--run-dir", str(run_dir), "--model", model, "--exit-every", "1", "--adapter-rank", "2",
             "--seq-len", "16", "--batch-size", str(batch), "--stage1-steps", "3", "--head-positions", "6",
             "--memorize-chunks", "5", "--stage2-steps", "3", "--rollouts", "2", "--stage3-steps", "3",
-            "--beta", "0.1", "--target", "full", "--device", "cpu"]
+            "--beta", "0.1", "--target", "full", "--lora-rank", str(lora_rank), "--device", "cpu"]
 
 
-def test_two_processes_train_decoder_exits_like_one_process(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["frozen-backbone", "lora"])
+def test_two_processes_train_decoder_exits_like_one_process(tiny_llama_dir, tmp_path, lora_rank):
     one, two = tmp_path / "one" / "exits", tmp_path / "two" / "exits"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CPU),
               "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "consistentee.cli.main",
-              *_args(two.parent, tiny_llama_dir, 2)]
+              *_args(two.parent, tiny_llama_dir, 2, lora_rank)]
     proc = subprocess.Popen(launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # One process with the global batch, here, while the two processes run.
-        assert main(_args(one.parent, tiny_llama_dir, 4)) == 0
+        assert main(_args(one.parent, tiny_llama_dir, 4, lora_rank)) == 0
         output, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
@@ -75,6 +76,7 @@ def test_two_processes_train_decoder_exits_like_one_process(tiny_llama_dir, tmp_
     s1, s2, s3 = (load_file(one / stage / EXITS_WEIGHTS) for stage in ("stage1", "stage2", "stage3"))
     assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("policies."))
     assert any(not torch.equal(s2[k], s3[k]) for k in s2 if k.startswith("heads."))
+    assert any(k.startswith("lora.") for k in s1) == (lora_rank > 0)  # the adapters are compared when trained
     memorized = load_file(one / MEMORIZED_FILE)["memorized"]
     assert torch.equal(memorized, load_file(two / MEMORIZED_FILE)["memorized"])
     assert memorized.shape == (5, 16) and memorized.min() < memorized.max()

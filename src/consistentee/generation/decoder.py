@@ -10,6 +10,10 @@ and a zero-initialised low-rank adapter. The last layer's exit is the unchanged 
 ``l`` is a d -> 32 -> 1 MLP on the parameter-free RMS-normalised hidden state: deciding costs no LM-head
 projection (on SmolLM2-135M one LM-head projection costs as much as 8 layers).
 
+An optional LoRA on the backbone's projections (:mod:`.lora`, trained with the exit heads in stage 1) is part of
+the saved exits: its rank, alpha and targets go into the exits config and :meth:`EarlyExitLM.load_exits`
+re-creates the adapters before loading their weights.
+
 Sliding-window attention (Mistral) is not applied: exact only for sequences shorter than the window.
 """
 
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from consistentee.generation.lora import LoRAConfig, add_lora, has_lora
 from consistentee.utils.io import atomic_directory
 
 EXITS_CONFIG = "exits_config.json"
@@ -205,7 +210,7 @@ class StepOutput:
 
 
 class EarlyExitLM(nn.Module):
-    """A frozen causal LM plus exit heads and per-layer exit policies."""
+    """A frozen causal LM (optionally with a LoRA, :meth:`add_lora`) plus exit heads and per-layer exit policies."""
 
     def __init__(self, base: nn.Module, exits: ExitsConfig | None = None):
         super().__init__()
@@ -235,6 +240,8 @@ class EarlyExitLM(nn.Module):
                                        for j, layer in enumerate(layers[:-1])})
         self.heads.to(base.device, base.dtype)
         self.policies.to(base.device, base.dtype)
+        self.lora: LoRAConfig | None = None
+        self.lora_params: dict[str, nn.Parameter] = {}
 
     # -- properties
     @property
@@ -246,7 +253,22 @@ class EarlyExitLM(nn.Module):
         return self.norm.weight.dtype
 
     def trainable_modules(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"heads": self.heads, "policies": self.policies})
+        """What training changes and the exits directory holds (the LoRA factors only when there is a LoRA)."""
+        parts = {"heads": self.heads, "policies": self.policies}
+        if self.lora_params:
+            parts["lora"] = nn.ParameterDict(self.lora_params)
+        return nn.ModuleDict(parts)
+
+    def add_lora(self, lora: LoRAConfig) -> list[nn.Parameter]:
+        """Put a LoRA on the backbone (see :func:`.lora.add_lora`); returns its parameters, trainable."""
+        if self.lora is not None and self.lora != lora:
+            raise ValueError(f"the model already has a LoRA {self.lora}, asked for {lora}")
+        self.lora = lora
+        self.lora_params = add_lora(self.base, lora.rank, lora.alpha, lora.targets)
+        params = list(self.lora_params.values())
+        for p in params:
+            p.requires_grad_(True)
+        return params
 
     # -- building blocks
     def embed(self, ids: Tensor) -> Tensor:
@@ -401,6 +423,8 @@ class EarlyExitLM(nn.Module):
             save_file(state, str(tmp / EXITS_WEIGHTS))
             meta = {"exits": asdict(self.exits_config), "exit_layers": self.exit_layers,
                     "num_layers": self.num_layers, **(extra or {})}
+            if self.lora is not None:
+                meta["lora"] = self.lora.to_json()
             (tmp / EXITS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
@@ -414,6 +438,14 @@ class EarlyExitLM(nn.Module):
             raise ValueError(f"{directory}: exits trained for {meta['num_layers']} layers, model has "
                              f"{base.config.num_hidden_layers}")
         model = cls(base, ExitsConfig(**meta["exits"]))
-        state = load_file(str(directory / EXITS_WEIGHTS), device=str(model.device))
-        model.trainable_modules().load_state_dict(state)
+        if meta.get("lora"):
+            model.add_lora(LoRAConfig(**meta["lora"]))
+        elif has_lora(base):  # its adapters would silently stay active
+            raise ValueError(f"{directory}: exits trained without LoRA, but the base model carries one")
+        model.load_exit_weights(directory)
         return model
+
+    def load_exit_weights(self, directory: str | Path) -> None:
+        """Load a saved exits directory's weights into this model (same exits and LoRA configuration)."""
+        state = load_file(str(Path(directory) / EXITS_WEIGHTS), device=str(self.device))
+        self.trainable_modules().load_state_dict(state)

@@ -1,4 +1,4 @@
-"""Per-token ConsistentEE training for decoder-only LMs (METHOD.md section 7), backbone frozen.
+"""Per-token ConsistentEE training for decoder-only LMs (METHOD.md section 7), backbone frozen by default.
 
 * Stage 1: exit heads on WikiText-2 train with the weighted per-exit CE sum_l l * CE_l / sum_l l on the shifted
   targets (position t predicts token t+1); CE on ``head_positions`` sampled positions per sequence to bound
@@ -8,6 +8,11 @@
 * Stage 2: the per-token policy with REINFORCE, K rollouts per sequence, group baseline per (sequence,
   position), reward log q_e(target_{t+1}) - beta * w * e (w = 1 - m/L, or 1 with ``reward=cost``).
 * Stage 3: exit heads trained at the exits the policy takes.
+
+With ``lora_rank > 0`` a LoRA on the backbone (:mod:`.lora`) is trained in stage 1 only, with the exit heads
+(same optimizer and learning rate); the loss then also has the last layer's term L * CE_L (the full model is no
+longer fixed, and this keeps it a good LM). Stages 2 and 3 keep it fixed, so the memorized layers and the
+policies see the backbone the heads were fitted to. The pretrained weights are never changed.
 
 Exits in training follow inference: a token that exits at layer e keeps its state e for the deeper layers
 (with ``kv=propagate`` the deeper layers' K/V come from it; ``full``/``recompute`` let it keep computing).
@@ -37,7 +42,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from consistentee.generation.data import lm_chunks
-from consistentee.generation.decoder import EarlyExitLM
+from consistentee.generation.decoder import EXITS_CONFIG, EarlyExitLM
+from consistentee.generation.lora import LoRAConfig, parse_targets
 from consistentee.training.policy import all_reduce_grads
 from consistentee.training.rl import (
     REWARD_QUALITIES,
@@ -47,7 +53,7 @@ from consistentee.training.rl import (
     sample_exit_actions,
 )
 from consistentee.training.stage1 import shard_steps
-from consistentee.utils.io import save_with, write_json
+from consistentee.utils.io import read_json, save_with, write_json
 from consistentee.utils.runtime import set_seed
 
 #: Memorized layer per (RL chunk, position), written once after stage 1.
@@ -85,9 +91,19 @@ class LMTrainConfig:
     train_kv: str = field(default="propagate", metadata={
         "help": "how exited tokens feed deeper layers in training (match the inference --kv)",
         "choices": ("propagate", "recompute", "full")})
+    lora_rank: int = field(default=0, metadata={
+        "help": "rank of a LoRA on the backbone, trained with the exit heads in stage 1 (0: backbone frozen)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (update scaled by alpha/rank)"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={
+        "help": "comma-separated projections of every decoder layer that get a LoRA "
+                "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank > 0:
+            self.lora_config()  # checks alpha and the targets
         if self.rollouts < 2:
             raise ValueError(f"rollouts must be >= 2 for a group baseline, got {self.rollouts}")
         if self.beta < 0:
@@ -95,6 +111,12 @@ class LMTrainConfig:
         for name in ("seq_len", "batch_size", "head_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The backbone LoRA, or None for a frozen backbone."""
+        if self.lora_rank == 0:
+            return None
+        return LoRAConfig(self.lora_rank, self.lora_alpha, parse_targets(self.lora_targets))
 
 
 # --------------------------------------------------------------------------- alignment helpers
@@ -134,13 +156,19 @@ def memorized_layers(exit_preds: Tensor, targets: Tensor, exit_layers: list[int]
 # --------------------------------------------------------------------------- layer loop with exits
 
 
-@torch.no_grad()
 def run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None = None, decide=None,
-                   freeze: bool = True) -> tuple[dict[int, Tensor], Tensor]:
-    """Parallel pass over ids [N, T]. ``decide(layer, h) -> bool [N, T]`` (None: no exits).
+                   freeze: bool = True, grad: bool = False) -> tuple[dict[int, Tensor], Tensor]:
+    """Parallel pass over ids [N, T]. ``decide(layer, h) -> bool [N, T]`` (None: no exits). ``grad``: keep the
+    graph (stage 1 with a backbone LoRA); otherwise no graph is built.
 
     Returns ({exit layer: state [N, T, d] at that layer (frozen rows keep their exit state)}, exit layer [N, T]).
     """
+    with torch.set_grad_enabled(grad):
+        return _run_with_exits(model, ids, mask, decide, freeze)
+
+
+def _run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None, decide,
+                    freeze: bool) -> tuple[dict[int, Tensor], Tensor]:
     mask = torch.ones_like(ids) if mask is None else mask
     L = model.num_layers
     h = model.embed(ids)
@@ -305,16 +333,18 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
            accelerator: Accelerator | None = None) -> list[float]:
     """Exit heads on the weighted per-exit CE; returns the global step losses."""
     shards = _shards(model, accelerator)
-    heads = [layer for layer in model.exit_layers[:-1]]
-    opt = torch.optim.Adam(model.heads.parameters(), lr=cfg.lr_heads)
-    params = list(model.heads.parameters())
+    lora = list(model.lora_params.values())
+    # the last exit is the model itself: it only has a gradient (through the LoRA) when there is a LoRA
+    heads = list(model.exit_layers) if lora else model.exit_layers[:-1]
+    params = list(model.heads.parameters()) + lora
+    opt = torch.optim.Adam(params, lr=cfg.lr_heads)
     weights = torch.tensor(heads, dtype=torch.float32)
     weights = weights / weights.sum()
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     for step in range(cfg.stage1_steps):
         batch = chunks[shards.step_rows(step, cfg.batch_size, len(chunks))].to(model.device)
-        states, _ = run_with_exits(model, batch)
+        states, _ = run_with_exits(model, batch, grad=bool(lora))
         targets, valid = shifted_targets(batch)
         n, t = batch.shape
         # positions of every sequence of the global step, drawn in order; this process keeps its rows
@@ -475,6 +505,11 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
     run_dir.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     model.base.requires_grad_(False)
+    lora = cfg.lora_config()
+    if lora is not None:
+        model.add_lora(lora)
+    elif model.lora is not None:
+        raise ValueError("the model has a backbone LoRA but lora_rank is 0")
     shards.broadcast_exits(model)
     shards.on_main(lambda: write_json(run_dir / "train_config.json", asdict(cfg)))
     global_batch = cfg.batch_size * shards.world
@@ -483,9 +518,12 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
                           offset=cfg.stage1_steps * global_batch)
     timings = {}
     for name in ("stage1", "stage2", "stage3"):
-        if (run_dir / name / "exits_config.json").is_file():
-            loaded = EarlyExitLM.load_exits(run_dir / name, model.base)
-            model.trainable_modules().load_state_dict(loaded.trainable_modules().state_dict())
+        if (run_dir / name / EXITS_CONFIG).is_file():
+            saved = read_json(run_dir / name / EXITS_CONFIG).get("lora")
+            if saved != (lora.to_json() if lora else None):
+                raise ValueError(f"{run_dir / name}: saved with LoRA {saved}, the run asks for "
+                                 f"{lora.to_json() if lora else None}; use another run directory")
+            model.load_exit_weights(run_dir / name)
             shards.log(progress, f"{name}: already done, loaded")
             continue
         start = time.perf_counter()
