@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from consistentee.evaluation.tables import collect_exit_tables
+from consistentee.exits.rules import make_rule, simulate_exits
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.training.policy import policy_model_dir
 from consistentee.training.run import load_run_model
@@ -23,17 +24,15 @@ from consistentee.training.run import load_run_model
 SPEEDUPS = (1.5, 1.75, 2.0, 2.25, 2.5)
 
 
-def first_exit_curve(scores: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
-                     thresholds) -> list[tuple[float, float]]:
-    """(accuracy %, layer speed-up) when each row exits at the first layer whose score is above the threshold."""
-    n, num_layers = probs.shape[:2]
+def curve(rule_name: str, knobs, tables) -> list[tuple[float, float]]:
+    """(accuracy %, layer speed-up) of ``rule_name`` at each knob, simulated on the tables as the engine runs it."""
+    num_layers = tables.probs.shape[1]
     points = []
-    for t in thresholds:
-        above = torch.cat([scores > t, torch.ones(n, 1, dtype=torch.bool)], dim=1)
-        exit_index = above.float().argmax(dim=1)  # the first True
-        predictions = probs[torch.arange(n), exit_index].argmax(-1)
-        accuracy = 100 * float((predictions == labels).float().mean())
-        points.append((accuracy, num_layers / float(exit_index.float().mean() + 1)))
+    for knob in knobs:
+        result = simulate_exits(make_rule(rule_name, float(knob)), tables.probs, policy_probs=tables.policy_probs,
+                                labels=tables.labels)
+        accuracy = 100 * float((result.predictions == tables.labels).float().mean())
+        points.append((accuracy, num_layers / float(result.exit_layer.float().mean())))
     return points
 
 
@@ -52,12 +51,8 @@ def main(run_dir: str, betas: list[float]) -> int:
         model = EarlyExitForSequenceClassification.from_pretrained(policy_model_dir(run_dir, beta), device="cpu")
         tables = collect_exit_tables(model, data.encoded["test"], data.collate, progress=False)
         full = 100 * float((tables.probs[:, -1].argmax(-1) == tables.labels).float().mean())
-        curves = {
-            "confidence": first_exit_curve(tables.probs.max(-1).values[:, :-1], tables.probs, tables.labels,
-                                           np.linspace(0.5, 1.0, 51)),
-            "consistentee": first_exit_curve(tables.policy_probs, tables.probs, tables.labels,
-                                             [*np.linspace(0.0, 0.95, 20), 0.97, 0.99]),
-        }
+        curves = {"confidence": curve("confidence", np.linspace(0.5, 1.0, 51), tables),
+                  "consistentee": curve("consistentee", [*np.linspace(0.0, 0.95, 20), 0.97, 0.99], tables)}
         for rule, points in curves.items():
             print(f"| {beta:g} | {full:.2f} | {rule} | " + " | ".join(f"{best_at(points, s):.1f}" for s in SPEEDUPS)
                   + " |")

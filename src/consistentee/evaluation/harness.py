@@ -243,8 +243,8 @@ def run_benchmark(
     heads = None
     if use_learned:
         steps.start("learned exit heads (BERxiT-style)")
-        heads = _learned_heads(run_dir, model, data, settings.learned, device=torch_device, progress=progress,
-                               log=log)
+        heads = _learned_heads(run_dir, model, data, settings.data, settings.learned, device=torch_device,
+                               progress=progress, log=log)
 
     # 4: ConsistentEE beta sweep
     policy_dirs: dict[float, Path] = {}
@@ -365,13 +365,13 @@ def _check_run_settings(run_dir: Path, settings: BenchmarkSettings) -> None:
                          "use another --run-dir or the run's own settings")
 
 
-def _learned_heads(run_dir: Path, model, data, cfg: LearnedHeadConfig, *, device: torch.device, progress: bool,
-                   log) -> LearnedExitHeads:
+def _learned_heads(run_dir: Path, model, data, data_cfg: DataConfig, cfg: LearnedHeadConfig, *,
+                   device: torch.device, progress: bool, log) -> LearnedExitHeads:
     """The heads saved in ``run_dir/learned_heads`` when they were trained on the current stage-1 weights, else
     freshly trained (and saved)."""
     heads_dir = run_dir / "learned_heads"
     weights = stage1_model_dir(run_dir) / "model.safetensors"
-    rows = policy_rows(data, load_run_settings(run_dir)[0])  # the same examples the ConsistentEE policies see
+    rows = policy_rows(data, data_cfg)  # the same examples the ConsistentEE policies see
     stamp = {"stage1_weights_bytes": weights.stat().st_size, "stage1_weights_mtime_ns": weights.stat().st_mtime_ns,
              "train_rows": len(rows)}
     if LearnedExitHeads.is_saved(heads_dir) and _saved_extra(heads_dir).get("stage1") == stamp:

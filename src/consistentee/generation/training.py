@@ -47,7 +47,6 @@ from consistentee.generation.lora import LoRAConfig, parse_targets
 from consistentee.training.policy import all_reduce_grads
 from consistentee.training.rl import (
     REWARD_QUALITIES,
-    batch_rms,
     group_baseline_advantage,
     masked_trajectory_log_prob,
     sample_exit_actions,
@@ -391,6 +390,12 @@ def compute_memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig,
     return shards.total(out)
 
 
+def _by_position(x: Tensor, k: int) -> Tensor:
+    """[N*K, T] (the K rollouts of a sequence consecutive) -> flat, each (sequence, position)'s K values
+    consecutive: the groups of the group baseline."""
+    return x.view(-1, k, x.shape[-1]).transpose(1, 2).reshape(-1)
+
+
 def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainConfig,
            progress: bool = True, accelerator: Accelerator | None = None) -> list[dict]:
     """The per-token policies by REINFORCE with a group baseline; returns one record per global step."""
@@ -421,13 +426,11 @@ def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainCo
         quality = log_q if cfg.reward_quality == "log_prob" else right.float()
         weight = (1.0 - mem.float() / L) if cfg.reward == "hardness" else torch.ones_like(mem, dtype=torch.float32)
         reward = token_rewards(quality, exit_layer, weight, cfg.beta)  # [N*K, T]
-        # group baseline per (sequence, position): groups of K consecutive values
+        # group baseline per (sequence, position); batch_std scales by every process's valid tokens
+        adv = group_baseline_advantage(_by_position(reward, k), k, cfg.advantage_norm,
+                                       weight=_by_position(valid.float(), k), total=shards.total)
         n = batch.shape[0] // k
-        r = reward.view(n, k, -1).transpose(1, 2).reshape(-1)
-        per_group = "group_std" if cfg.advantage_norm == "group_std" else "none"
-        adv = group_baseline_advantage(r, k, normalize=per_group).view(n, -1, k).transpose(1, 2).reshape(reward.shape)
-        if cfg.advantage_norm == "batch_std":  # one scale over every process's valid tokens
-            adv = adv / (batch_rms(adv, valid.float(), shards.total) + 1e-2)
+        adv = adv.view(n, -1, k).transpose(1, 2).reshape(reward.shape)
         # log pi of each token's trajectory, with gradient through the policies at the states they saw
         p = torch.stack([model.policy_prob(layer, states[layer]) for layer in exits[:-1]], -1)  # [N*K, T, n-1]
         exit_index = torch.searchsorted(torch.tensor(exits, device=batch.device), exit_layer) + 1

@@ -44,7 +44,6 @@ from consistentee.training.rl import (
     REWARD_QUALITIES,
     REWARDS,
     EpsilonSchedule,
-    batch_rms,
     group_baseline_advantage,
     loss_hardness_weight,
     make_reward,
@@ -365,12 +364,8 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
                              expected_ce=joint and cfg.joint_loss == "expected")
             quality = ro.log_q_exit.detach() if cfg.reward_quality == "log_prob" else ro.correct.to(ro.log_q_exit.dtype)
             reward = reward_fn(quality, ro.exit_layer, weights[batch["index"]], num_layers)
-            if cfg.advantage_norm == "batch_std":  # one scale for the global batch, the same on every process
-                advantage = group_baseline_advantage(reward, k, "none")
-                total = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else None
-                advantage = advantage / (batch_rms(advantage, row_weight, total) + 1e-2)
-            else:
-                advantage = group_baseline_advantage(reward, k, cfg.advantage_norm)
+            total = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else None
+            advantage = group_baseline_advantage(reward, k, cfg.advantage_norm, weight=row_weight, total=total)
             loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit

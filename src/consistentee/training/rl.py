@@ -360,7 +360,8 @@ HARDNESS: dict[str, Callable[..., Tensor]] = {
 ADVANTAGE_NORMS = ("group_std", "batch_std", "none")
 
 
-def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", eps: float = 1e-2) -> Tensor:
+def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", eps: float = 1e-2,
+                             weight: Tensor | None = None, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """A_ik = R_ik - mean_k R_ik for ``N`` groups of ``k`` *consecutive* rollouts (detached, ``[N*k]``).
 
     ``normalize="group_std"`` divides each group by (its reward std + ``eps``). DECISION: without it, inputs
@@ -369,8 +370,9 @@ def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", e
     continue" before it learns to tell inputs apart, and exploration dies with it. ``eps`` keeps groups
     whose rewards differ only by dropout noise from being blown up to unit scale.
 
-    ``normalize="batch_std"`` divides all advantages by their root mean square over the batch (``batch_rms``
-    computes it across processes). Unlike ``group_std`` it keeps the ratio between inputs: a group whose
+    ``normalize="batch_std"`` divides all advantages by their root mean square over the batch: over the rows
+    whose ``weight`` is > 0 (fillers and padding left out), summed across processes by ``total`` (see
+    :func:`batch_rms`). Unlike ``group_std`` it keeps the ratio between inputs: a group whose
     rollouts differ only by the depth cost keeps its small advantages instead of being blown up to the scale of
     a group where exiting early changes the answer (with a 0/1 reward quality, group_std made every policy
     exit at the first layer).
@@ -388,7 +390,7 @@ def group_baseline_advantage(rewards: Tensor, k: int, normalize: str = "none", e
     if normalize == "group_std":
         advantage = advantage / (r.std(dim=1, keepdim=True) + eps)
     elif normalize == "batch_std":
-        advantage = advantage / (batch_rms(advantage) + eps)
+        advantage = advantage / (batch_rms(advantage, weight, total) + eps)
     return advantage.reshape(-1)
 
 
