@@ -1,21 +1,26 @@
-"""Load test of ``consistentee serve`` on loopback.
+"""Load test of ``consistentee serve`` on loopback, checked against offline ``consistentee predict``.
 
-Starts the server in a subprocess on 127.0.0.1 (a free port), sends ``--requests`` single-text requests
-(rt-snippets test texts, cycled) from ``--concurrency`` concurrent clients, stops by itself after
-``--max-seconds`` even if not done, then compares every answer with offline predictions of the same texts
-(same model, rule, knob and max length), stops the server with SIGTERM and reports errors, mismatches,
-latency p50/p99, throughput and the server's micro-batching counters. Results: ``--out``/results.json and
-results.md.
+For each configuration (by default the model's ConsistentEE policy rule and the confidence rule on the same
+model) this script starts ``consistentee serve`` on 127.0.0.1 (a free port) in a subprocess, sends
+``--requests`` requests of 1 to 8 texts each (a seeded draw from a labelled split) from ``--concurrency``
+concurrent clients, reads ``/metrics``, stops the server with SIGTERM, then runs ``consistentee predict`` on the
+same texts and counts every served answer whose label or exit layer differs from the offline one.
 
-    python benchmarks/server/load_test.py --model runs/rt-minilm --rule entropy --knob 0.2 \\
-        --requests 5000 --concurrency 32 --out benchmarks/server/results/rt-minilm-entropy
+Writes ``--out`` (default ``benchmarks/server/results/load.json``): per configuration ``requests``, ``errors``
+(non-200 answers and transport failures), ``mismatches``, ``p50_ms``, ``p99_ms``, ``texts_per_s`` and
+details; and ``load.md`` beside it. The exit status is 1 when any request failed or any answer mismatched.
+
+    nice -n 10 .venv/bin/python benchmarks/server/load_test.py \\
+        --model runs/trec6-holdout/policies/beta-0.05/model --dataset trec6
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -30,6 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 import common  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+CONSISTENTEE = [sys.executable, "-m", "consistentee.cli.main"]
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -37,21 +45,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "consistentee.cli.serve", "--model", args.model, "--rule", args.rule,
-        "--host", "127.0.0.1", "--port", str(port), "--device", args.device, "--log-level", "warning",
-        "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-        "--max-length", str(args.max_length), "--truncation", "--request-timeout-s", str(args.request_timeout_s),
-    ]
-    for flag, value in (("--knob", args.knob), ("--threads", args.server_threads),
-                        ("--policy-model-dir", args.policy_model_dir), ("--learned-heads", args.learned_heads)):
-        if value is not None:
-            command += [flag, str(value)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    print("server:", " ".join(shlex.quote(c) for c in command), flush=True)
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _rule_flags(rule: str, knob: str | None) -> list[str]:
+    return ["--rule", rule] + (["--knob", knob] if knob is not None else [])
+
+
+def start_server(args: argparse.Namespace, rule: str, knob: str | None, port: int) -> subprocess.Popen:
+    command = [*CONSISTENTEE, "serve", "--model", args.model, *_rule_flags(rule, knob), "--host", "127.0.0.1",
+               "--port", str(port), "--device", args.device, "--log-level", "warning", "--no-progress",
+               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
+               "--request-timeout-s", str(args.request_timeout_s), "--max-items", "8"]
+    if args.server_threads:
+        command += ["--threads", str(args.server_threads)]
+    print("server:", shlex.join(command), flush=True)
     log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the server
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
     process.log = log  # type: ignore[attr-defined]
     return process
 
@@ -78,10 +89,27 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
     raise RuntimeError(f"the server did not answer /health within {timeout:g} s")
 
 
-async def fire(url: str, texts: list[str], concurrency: int, max_seconds: float) -> dict:
+def stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def plan_requests(pool: list[str], n: int, low: int, high: int, seed: int) -> list[list[str]]:
+    """``n`` requests of ``low..high`` texts each, drawn with a seed (the same plan for every configuration)."""
+    rng = random.Random(seed)
+    return [rng.sample(pool, rng.randint(low, high)) for _ in range(n)]
+
+
+async def fire(url: str, requests: list[list[str]], concurrency: int, max_seconds: float) -> dict:
     import httpx
 
-    results: list[dict | None] = [None] * len(texts)
+    results: list[dict | None] = [None] * len(requests)
     next_index = 0
     deadline = time.monotonic() + max_seconds
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -90,28 +118,42 @@ async def fire(url: str, texts: list[str], concurrency: int, max_seconds: float)
 
         async def worker() -> None:
             nonlocal next_index
-            while next_index < len(texts) and time.monotonic() < deadline:
+            while next_index < len(requests) and time.monotonic() < deadline:
                 i = next_index
                 next_index += 1
                 start = time.perf_counter()
                 try:
-                    response = await client.post("/predict", json={"text": texts[i]})
+                    response = await client.post("/predict", json={"texts": requests[i]})
                     elapsed = time.perf_counter() - start
                     body = response.json() if response.headers.get("content-type", "").startswith(
                         "application/json") else None
+                    ok = response.status_code == 200
                     results[i] = {"status": response.status_code, "latency": elapsed,
-                                  "prediction": (body or {}).get("predictions", [None])[0]
-                                  if response.status_code == 200 else None,
-                                  "error": None if response.status_code == 200 else (body or {}).get("error")}
+                                  "predictions": (body or {}).get("predictions") if ok else None,
+                                  "error": None if ok else (body or {}).get("error")}
                 except httpx.HTTPError as exc:
                     results[i] = {"status": type(exc).__name__, "latency": time.perf_counter() - start,
-                                  "prediction": None, "error": str(exc)[:200]}
+                                  "predictions": None, "error": str(exc)[:200]}
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         metrics = (await client.get("/metrics")).text
     return {"results": results, "wall": wall, "metrics": metrics}
+
+
+def offline_predict(args: argparse.Namespace, rule: str, knob: str | None, texts: list[str]) -> dict[str, dict]:
+    """``consistentee predict`` on ``texts`` (JSON lines in and out): text -> its offline answer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source, out = Path(tmp) / "texts.jsonl", Path(tmp) / "offline.jsonl"
+        source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        command = [*CONSISTENTEE, "predict", "--model", args.model, *_rule_flags(rule, knob), "--input", str(source),
+                   "--text-column", "text", "--output", str(out), "--device", args.device, "--no-progress",
+                   "--batch-size", "32"]
+        print("offline:", shlex.join(command), flush=True)
+        subprocess.run(command, env=_env(), check=True)
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    return dict(zip(texts, rows, strict=True))
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -121,117 +163,148 @@ def _metric(text: str, name: str) -> float | None:
     return None
 
 
-def run(args: argparse.Namespace) -> dict:
-    split = common.load_split(args)
-    pool = list(split.texts)
-    texts = [pool[i % len(pool)] for i in range(args.requests)]
-    port = args.port or _free_port()
+def run_one(args: argparse.Namespace, name: str, rule: str, knob: str | None, requests: list[list[str]]) -> dict:
+    port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(args, port)
+    process = start_server(args, rule, knob, port)
     try:
         wait_ready(process, url, args.startup_timeout)
-        print(f"server ready on {url}; {args.requests} requests at concurrency {args.concurrency} "
-              f"(stops after {args.max_seconds:g} s)", flush=True)
-        fired = asyncio.run(fire(url, texts, args.concurrency, args.max_seconds))
+        print(f"{name}: server ready on {url}; {len(requests)} requests at concurrency {args.concurrency}",
+              flush=True)
+        fired = asyncio.run(fire(url, requests, args.concurrency, args.max_seconds))
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    exit_status = process.returncode
-
+        exit_status = stop(process)
     done = [(i, r) for i, r in enumerate(fired["results"]) if r is not None]
     ok = [(i, r) for i, r in done if r["status"] == 200]
-    statuses = Counter(str(r["status"]) for _, r in done)
     latencies = [r["latency"] for _, r in ok]
+    texts_served = sum(len(requests[i]) for i, _ in ok)
 
-    predictor = common.load_predictor(args)
-    unique = sorted({texts[i] for i, _ in ok})
-    offline = dict(zip(unique, predictor.predict(unique, batch_size=32, max_length=args.max_length,
-                                                 truncation=True), strict=True))
-    label_mismatch = sum(r["prediction"]["label"] != offline[texts[i]]["label"] for i, r in ok)
-    exit_mismatch = sum(r["prediction"]["exit_layer"] != offline[texts[i]]["exit_layer"] for i, r in ok)
+    offline = offline_predict(args, rule, knob, sorted({t for i, _ in ok for t in requests[i]}))
+    label_mismatches = exit_mismatches = mismatches = 0
+    examples = []
+    for i, r in ok:
+        for text, served in zip(requests[i], r["predictions"], strict=True):
+            expected = offline[text]
+            label_off = served["label"] != expected["label"]
+            exit_off = served["exit_layer"] != expected["exit_layer"]
+            label_mismatches += label_off
+            exit_mismatches += exit_off
+            if label_off or exit_off:
+                mismatches += 1
+                if len(examples) < 5:
+                    examples.append({"text": text, "served": served, "offline": expected})
     metrics = fired["metrics"]
     batches = _metric(metrics, "consistentee_batches_total")
-    report = {
-        "environment": common.environment(),
-        "settings": {k: v for k, v in vars(args).items()},
-        "requests_planned": args.requests,
-        "requests_sent": len(done),
-        "stopped_by_time_limit": len(done) < args.requests,
-        "succeeded": len(ok),
-        "statuses": dict(statuses),
+    return {
+        "rule": rule,
+        "knob": knob,
+        "requests": len(done),
+        "requests_planned": len(requests),
+        "errors": len(done) - len(ok) + (len(requests) - len(done)),
+        "mismatches": mismatches,
+        "p50_ms": round(1000 * common.percentile(latencies, 50), 2) if latencies else None,
+        "p99_ms": round(1000 * common.percentile(latencies, 99), 2) if latencies else None,
+        "texts_per_s": round(texts_served / fired["wall"], 1) if fired["wall"] > 0 else None,
+        "requests_per_s": round(len(ok) / fired["wall"], 1) if fired["wall"] > 0 else None,
+        "texts": texts_served,
+        "unique_texts": len(offline),
+        "label_mismatches": label_mismatches,
+        "exit_layer_mismatches": exit_mismatches,
+        "mismatch_examples": examples,
+        "statuses": dict(Counter(str(r["status"]) for _, r in done)),
         "error_examples": sorted({str(r["error"]) for _, r in done if r["status"] != 200})[:5],
-        "label_mismatches": label_mismatch,
-        "exit_layer_mismatches": exit_mismatch,
-        "latency_p50_ms": 1000 * common.percentile(latencies, 50),
-        "latency_p99_ms": 1000 * common.percentile(latencies, 99),
-        "latency_mean_ms": 1000 * statistics.mean(latencies) if latencies else None,
-        "throughput_rps": len(ok) / fired["wall"] if fired["wall"] > 0 else None,
-        "wall_seconds": fired["wall"],
-        "mean_exit_layer": statistics.mean(r["prediction"]["exit_layer"] for _, r in ok) if ok else None,
+        "latency_mean_ms": round(1000 * statistics.mean(latencies), 2) if latencies else None,
+        "wall_seconds": round(fired["wall"], 2),
+        "mean_exit_layer": round(statistics.mean(p["exit_layer"] for _, r in ok for p in r["predictions"]), 3)
+        if ok else None,
         "server_batches": batches,
         "server_engine_calls": _metric(metrics, "consistentee_engine_calls_total"),
-        "mean_items_per_batch": (_metric(metrics, "consistentee_batch_items_sum") or 0) / batches if batches else None,
+        "mean_texts_per_batch": round((_metric(metrics, "consistentee_batch_items_sum") or 0) / batches, 2)
+        if batches else None,
+        "server_client_disconnects": _metric(metrics, "consistentee_client_disconnects_total"),
         "server_exit_status": exit_status,
     }
-    return report
 
 
 def to_markdown(report: dict) -> str:
+    env = report["environment"]
     s = report["settings"]
-    return "\n".join([
+    lines = [
         "# Server load test", "",
-        f"Command: `{report['environment']['command']}`", "",
-        f"Machine: {report['environment']['platform']}, {report['environment']['cpu_count']} CPUs, load average "
-        f"at end {report['environment']['load_average']}. Server: `{s['model']}`, rule {s['rule']} knob {s['knob']}, "
-        f"device {s['device']}, max batch {s['max_batch_size']}, max wait {s['max_wait_ms']} ms, server threads "
-        f"{s['server_threads']}; client and server share the machine.", "",
-        "| requests sent / planned | ok | statuses | label / exit mismatches vs offline | p50 ms | p99 ms "
-        "| throughput req/s | mean exit | batches (mean size) |",
-        "|---|---:|---|---|---:|---:|---:|---:|---|",
-        f"| {report['requests_sent']} / {report['requests_planned']} | {report['succeeded']} | {report['statuses']} "
-        f"| {report['label_mismatches']} / {report['exit_layer_mismatches']} | {report['latency_p50_ms']:.1f} "
-        f"| {report['latency_p99_ms']:.1f} | {report['throughput_rps']:.1f} | "
-        f"{report['mean_exit_layer'] if report['mean_exit_layer'] is None else round(report['mean_exit_layer'], 3)} "
-        f"| {report['server_batches']} ({report['mean_items_per_batch'] or 0:.1f}) |",
-        "", f"Stopped by the time limit: {report['stopped_by_time_limit']}. Error examples: "
-        f"{report['error_examples'] or 'none'}. Server exit status after SIGTERM: {report['server_exit_status']}.", "",
-    ])
+        f"Command: `{env['command']}`", "",
+        f"Model `{s['model']}`; {s['requests']} requests of {s['min_texts']}-{s['max_texts']} texts from "
+        f"{s['dataset']} {s['split']} at concurrency {s['concurrency']}; server max batch {s['max_batch_size']}, "
+        f"max wait {s['max_wait_ms']} ms, device {s['device']}. Machine: {env['platform']}, {env['cpu_count']} CPUs "
+        f"(load average at the end {env['load_average']}); client, server and anything else running share it.", "",
+        "| configuration | rule (knob) | requests | errors | mismatches vs offline predict | p50 ms | p99 ms "
+        "| texts/s | mean exit layer | texts per micro-batch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in report["configurations"]:
+        r = report[name]
+        lines.append(f"| {name} | {r['rule']} ({r['knob'] if r['knob'] is not None else 'default'}) | {r['requests']} "
+                     f"| {r['errors']} | {r['mismatches']} | {r['p50_ms']} | {r['p99_ms']} | {r['texts_per_s']} "
+                     f"| {r['mean_exit_layer']} | {r['mean_texts_per_batch']} |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_model_options(parser)
-    parser.add_argument("--requests", type=int, default=5000, help="requests to send (one text each)")
-    parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients")
-    parser.add_argument("--max-seconds", type=float, default=600.0, help="stop sending after this long")
+    parser.add_argument("--model", required=True, help="model directory (or run directory) to serve")
+    parser.add_argument("--configs", default="consistentee=consistentee,confidence=confidence",
+                        help="NAME=RULE[:KNOB],... served one after the other on the same model")
+    parser.add_argument("--dataset", default="trec6", help="built-in dataset or data file the texts come from")
+    parser.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the dataset's splits")
+    parser.add_argument("--requests", type=int, default=5000, help="requests per configuration")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    parser.add_argument("--min-texts", type=int, default=1, help="fewest texts per request")
+    parser.add_argument("--max-texts", type=int, default=8, help="most texts per request")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the request plan")
+    parser.add_argument("--max-seconds", type=float, default=900.0, help="stop sending after this long")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the server")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="server micro-batch size")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="server micro-batch size (texts)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="server micro-batch wait")
-    parser.add_argument("--max-length", type=int, default=64, help="tokens per text (server and offline)")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="server request timeout")
     parser.add_argument("--server-threads", type=int, default=None, help="torch threads in the server")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for the offline predictions")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (server and offline)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    parser.add_argument("--out", required=True, help="directory for results.json and results.md")
+    parser.add_argument("--out", default=str(HERE / "results" / "load.json"), help="the JSON report")
     args = parser.parse_args(argv)
     if args.requests < 1 or args.concurrency < 1 or args.max_seconds <= 0:
         parser.error("--requests, --concurrency and --max-seconds must be positive")
+    if not 1 <= args.min_texts <= args.max_texts <= 8:
+        parser.error("need 1 <= --min-texts <= --max-texts <= 8 (the server takes at most 8 texts per request here)")
+    configs = []
+    for item in args.configs.split(","):
+        name, _, spec = item.partition("=")
+        rule, _, knob = spec.partition(":")
+        if not name or not rule:
+            parser.error(f"--configs: bad item {item!r} (NAME=RULE[:KNOB])")
+        configs.append((name, rule, knob or None))
+    args.config_list = configs
     return args
 
 
 def main(argv=None) -> int:
     common.offline()
     args = parse_args(argv)
-    report = run(args)
+    pool = sorted(set(common.load_split(args).texts))
+    requests = plan_requests(pool, args.requests, args.min_texts, args.max_texts, args.seed)
+    report: dict = {"configurations": [name for name, _, _ in args.config_list]}
+    for name, rule, knob in args.config_list:
+        report[name] = run_one(args, name, rule, knob, requests)
+        print(json.dumps({k: report[name][k] for k in ("requests", "errors", "mismatches", "p50_ms", "p99_ms",
+                                                        "texts_per_s")}), flush=True)
+    report["settings"] = {k: v for k, v in vars(args).items() if k != "config_list"}
+    report["environment"] = common.environment()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(to_markdown(report), encoding="utf-8")
     print(to_markdown(report))
-    common.write_results(args.out, report, to_markdown(report))
-    return 0 if report["succeeded"] == report["requests_sent"] else 1
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    failed = any(report[name]["errors"] or report[name]["mismatches"] for name in report["configurations"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -73,7 +74,47 @@ def inputs(tmp_path_factory, tiny_csv, tiny_encoder_dir) -> dict[str, str]:
     shutil.copytree(run / "stage1" / "model", pickled_model)
     (pickled_model / "model.safetensors").rename(pickled_model / "pytorch_model.bin")
     paths["pickled_model"] = str(pickled_model)
+
+    # A run with two trained policy models (copies of stage 1, marked complete): which one is ambiguous.
+    two = root / "two_policies"
+    shutil.copytree(run, two)
+    for beta in ("0.1", "0.2"):
+        shutil.copytree(run / "stage1" / "model", two / "policies" / f"beta-{beta}" / "model")
+        (two / "policies" / f"beta-{beta}" / "progress.json").write_text('{"complete": true}')
+    paths["two_policies"] = str(two)
+    # A model whose exits overflow to NaN (finite but absurd weights pass the load checks): never NaN in the output.
+    from transformers import AutoTokenizer
+
+    from consistentee.model.modeling import EarlyExitForSequenceClassification
+
+    nan_model = EarlyExitForSequenceClassification.from_pretrained(run / "stage1" / "model")
+    with torch.no_grad():
+        for head in nan_model.exits:
+            head.weight.fill_(3e38)
+    nan_model.save_pretrained(root / "nan_model", tokenizer=AutoTokenizer.from_pretrained(run / "stage1" / "model"))
+    paths["nan_model"] = str(root / "nan_model")
+
+    put("unterminated.csv", 'text,label\n"a great film,positive\nawful,negative\nfine,positive\n')
+    put("unterminated_texts.csv", 'text\nfine\n"a great film\nawful\n')
+    put("ragged.csv", "text\nfine\nawful,extra\n")
+    put("epochs_float.toml", "[stage1]\nepochs = 1.5\n")
+    put("lr_string.toml", '[stage1]\nlearning_rate = "fast"\n')
+    put("pooling_bad.json", '{"pooling": "max"}')
+    put("bool_bad.json", '{"trust_remote_code": "yes"}')
+    put("list_config.json", "[1, 2]")
+    put("broken.toml", "[stage1\nepochs = 2\n")
+    put("nan_lr.json", '{"learning_rate": NaN}')
     return paths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def busy_port(inputs):
+    """A port another program listens on (``{busy_port}`` in the table)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        inputs["busy_port"] = str(sock.getsockname()[1])
+        yield
 
 
 S1 = ["stage1", "--run-dir", "{out}/run", "--max-length", "16", "--epochs", "1", "--device",
@@ -85,6 +126,9 @@ def _stage1(*extra: str, data: str = "{data}", model: str = "{encoder}") -> list
 
 
 PREDICT = ["predict", "--device", "cpu", "--no-progress", "--output", "{out}/pred.jsonl"]
+#: predict with a rule that runs on a stage-1 model (its policies were never trained).
+PREDICT_E = [*PREDICT, "--rule", "entropy"]
+SERVE = ["serve", "--device", "cpu", "--model", "{model}", "--rule", "entropy"]
 
 # (case, argv, expected fragment of the one-line error)
 CASES = [
@@ -124,7 +168,7 @@ CASES = [
     ("benchmark K=0", ["benchmark", "--run-dir", "{out}/run", "--rollouts", "0"], "rollouts (K) must be >= 2"),
     ("predict missing input", [*PREDICT, "--model", "{model}", "--input", "{out}/missing.txt"], "input file not found"),
     ("predict empty line", [*PREDICT, "--model", "{model}", "--input", "{texts_empty_line.txt}"], "line 2 is empty"),
-    ("predict 1 MB text without truncation", [*PREDICT, "--model", "{model}", "--input", "{big.txt}"],
+    ("predict 1 MB text without truncation", [*PREDICT_E, "--model", "{model}", "--input", "{big.txt}"],
      "input 0 is too long: 200002 tokens"),
     ("predict wrong model path", [*PREDICT, "--model", "{out}/no-model", "--input", "{texts.txt}"],
      "no such model or run directory"),
@@ -138,12 +182,87 @@ CASES = [
      "1.5"),
     ("predict batch 0", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--batch-size", "0"],
      "--batch-size must be >= 1"),
+    # -- no silent wrong results --------------------------------------------------------------------------
+    ("predict run dir without a trained policy", [*PREDICT, "--model", "{run}", "--input", "{texts.txt}"],
+     "has no trained ConsistentEE policy (policies/beta-*/model)"),
+    ("predict stage-1 model with the policy rule", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}"],
+     "its ConsistentEE policies were never trained"),
+    ("predict run dir with two policies", [*PREDICT, "--model", "{two_policies}", "--input", "{texts.txt}"],
+     "holds 2 trained ConsistentEE policy models (policies/beta-0.1/model, policies/beta-0.2/model)"),
+    ("predict model giving NaN", [*PREDICT_E, "--model", "{nan_model}", "--input", "{texts.txt}"],
+     "non-finite scores (NaN or infinity) for input 0"),
+    ("stage1 on a finished run with another dataset",
+     _stage1("--run-dir", "{run}", "--id-column", "id", "--pooling", "mean", "--batch-size", "16",
+             data="{unseen_test.csv}"), "was trained with other settings (data.dataset: run"),
+    ("stage1 on a finished run with other epochs",
+     _stage1("--run-dir", "{run}", "--id-column", "id", "--pooling", "mean", "--batch-size", "16", "--epochs", "3"),
+     "stage1.epochs: run 1, asked 3"),
+    ("learning rate nan", _stage1("--learning-rate", "nan"), "argument --learning-rate: 'nan' is not a finite number"),
+    ("learning rate inf", _stage1("--learning-rate", "inf"), "argument --learning-rate: 'inf' is not a finite number"),
+    ("head learning rate -inf", _stage1("--head-learning-rate=-inf"), "'-inf' is not a finite number"),
+    ("learning rate 0", _stage1("--learning-rate", "0"), "learning_rate must be a finite number > 0, got 0.0"),
+    ("policy beta nan", ["policy", "--run-dir", "{run}", "--beta", "nan"], "'nan' is not a finite number"),
+    ("betas with nan", ["policy", "--run-dir", "{run}", "--betas", "0.1,nan"], "--betas needs one or more values"),
+    ("evaluate threshold nan", ["evaluate", "--run-dir", "{run}", "--threshold", "nan"], "--threshold must be in"),
+    ("CSV with an unterminated quote (training)", _stage1(data="{unterminated.csv}"),
+     "unterminated.csv: line 2: a quoted field is never closed"),
+    ("CSV with an unterminated quote (predict)",
+     [*PREDICT_E, "--model", "{model}", "--input", "{unterminated_texts.csv}", "--text-column", "text"],
+     "unterminated_texts.csv: line 3: a quoted field is never closed"),
+    ("CSV row with too many fields (predict)",
+     [*PREDICT_E, "--model", "{model}", "--input", "{ragged.csv}", "--text-column", "text"],
+     "ragged.csv: line 3 has 2 fields, the header has 1"),
+    ("static knob beyond the depth", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--rule", "static",
+                                      "--knob", "99"], "knob 99 (exit layer) is beyond the model's 3 layers"),
+    ("patience knob beyond the depth", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--rule",
+                                        "patience", "--knob", "7"], "knob 7 (patience) is beyond the model's 3"),
+    ("pcee knob beyond the depth", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--rule", "pcee",
+                                    "--knob", "9,0.2"], "is beyond the model's 3 layers"),
+    ("static knob 0", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--rule", "static", "--knob", "0"],
+     "'k' must be an integer >= 1, got 0"),
+    ("entropy knob inf", [*PREDICT_E, "--model", "{model}", "--input", "{texts.txt}", "--knob", "inf"],
+     "knob 'inf' must be a finite number"),
+    ("confidence knob nan", [*PREDICT, "--model", "{model}", "--input", "{texts.txt}", "--rule", "confidence",
+                             "--knob", "nan"], "knob 'nan' must be a finite number"),
+    ("predict top-k 0", [*PREDICT_E, "--model", "{model}", "--input", "{texts.txt}", "--top-k", "0"],
+     "--top-k must be an integer >= 1 or 'all', got '0'"),
+    ("predict max-length 1", [*PREDICT_E, "--model", "{model}", "--input", "{texts.txt}", "--max-length", "1"],
+     "--max-length must be >= 2, got 1"),
+    ("predict max-length beyond the model", [*PREDICT_E, "--model", "{model}", "--input", "{texts.txt}",
+                                             "--max-length", "100000"], "exceeds what the model accepts"),
+    ("predict missing policy model dir", [*PREDICT, "--model", "{run}", "--input", "{texts.txt}",
+                                          "--policy-model-dir", "policies/beta-9/model"], "not a model directory"),
+    ("predict output folder is a file", [*PREDICT_E[:-4], "--rule", "entropy", "--model", "{model}", "--input",
+                                         "{texts.txt}", "--output", "{texts.txt}/pred.jsonl"], "is not a folder"),
+    ("predict output is a directory", [*PREDICT_E[:-4], "--rule", "entropy", "--model", "{model}", "--input",
+                                       "{texts.txt}", "--output", "{not_a_model}"], "it is a directory"),
+    # -- config files: types checked, the file named ------------------------------------------------------
+    ("TOML epochs = 1.5", _stage1("--config", "{epochs_float.toml}"), "epochs_float.toml: epochs = 1.5 must be an integer"),
+    ("TOML learning rate as text", _stage1("--config", "{lr_string.toml}"),
+     "lr_string.toml: learning_rate = 'fast' must be a number"),
+    ("JSON unknown choice", _stage1("--config", "{pooling_bad.json}"),
+     "pooling_bad.json: pooling = 'max': choose one of auto, pooler, cls, mean"),
+    ("JSON bool as text", _stage1("--config", "{bool_bad.json}"), "trust_remote_code = 'yes' must be true or false"),
+    ("JSON config not an object", _stage1("--config", "{list_config.json}"), "must hold a table/object"),
+    ("TOML syntax error", _stage1("--config", "{broken.toml}"), "broken.toml is not valid toml"),
+    ("JSON NaN learning rate", _stage1("--config", "{nan_lr.json}"), "learning_rate = NaN: 'nan' is not a finite"),
+    # -- serve: checked before the port is taken and the model loaded -------------------------------------
+    ("serve port out of range", [*SERVE, "--port", "70000"], "--port must be in 0..65535, got 70000"),
+    ("serve port in use", [*SERVE, "--port", "{busy_port}"], "cannot listen on 127.0.0.1:"),
+    ("serve public host without a key", [*SERVE, "--host", "0.0.0.0"],
+     "--host 0.0.0.0 is reachable from other machines: set an API key"),
+    ("serve empty API key", [*SERVE, "--api-key", " "], "--api-key is empty"),
+    ("serve nesting limit 0", [*SERVE, "--max-json-depth", "0"], "max_json_depth must be an integer >= 1"),
+    ("serve body timeout 0", [*SERVE, "--body-timeout-s", "0"], "body_timeout_s must be > 0"),
+    ("serve body timeout nan", [*SERVE, "--body-timeout-s", "nan"], "'nan' is not a finite number"),
+    ("serve threads 0", [*SERVE, "--threads", "0"], "--threads must be >= 1"),
 ]
 
 
 def _fill(argv: list[str], inputs: dict[str, str], out: Path) -> list[str]:
     return [a.format(out=out, **{k.replace(".", "_"): v for k, v in inputs.items()}) if "{" in a else a
             for a in [a.replace(".csv}", "_csv}").replace(".jsonl}", "_jsonl}").replace(".txt}", "_txt}")
+                      .replace(".toml}", "_toml}").replace(".json}", "_json}")
                       for a in argv]]
 
 
@@ -191,7 +310,7 @@ def test_a_1mb_training_text_is_truncated_with_one_warning_line(inputs, tmp_path
 def test_predict_truncates_a_1mb_text_when_asked_and_writes_jsonl_atomically(inputs, tmp_path, capsys):
     out = tmp_path / "pred.jsonl"
     code = main([*PREDICT[:-2], "--output", str(out), "--model", inputs["model"], "--input", inputs["big.txt"],
-                 "--truncation", "--max-length", "32"])
+                 "--truncation", "--max-length", "32", "--rule", "entropy"])
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and {"label", "probability", "exit_layer"} <= set(rows[0])
@@ -250,3 +369,21 @@ def test_api_truncates_a_1mb_text_with_a_warning(inputs):
     assert encoded.lengths[0] == 32 and encoded.lengths[1] < 32
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     assert len(messages) == 1 and "1 of 2 text(s) longer than max_length=32" in messages[0]
+
+
+def test_a_read_only_output_folder_names_the_output(inputs, tmp_path, capsys, monkeypatch):
+    """As root the folder can't be made read-only, so the refusal is simulated where the OS would give it."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out" / ".pred.jsonl.x1y2z3.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    (tmp_path / "out").mkdir()
+    target = tmp_path / "out" / "pred.jsonl"
+    code = main([*PREDICT_E[:4], "--rule", "entropy", "--model", inputs["model"], "--input", inputs["texts.txt"],
+                 "--output", str(target)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err[-1] == f"consistentee: error: cannot write {target}: Permission denied (in folder {target.parent})"
+    assert ".tmp" not in err[-1] and list((tmp_path / "out").iterdir()) == []

@@ -28,6 +28,14 @@ def _selected(knob, acc, speed, wall=None):
             "test_flops_speedup": None if speed is None else speed * 0.95, "test_wall_speedup": wall}
 
 
+def _study(budget: str) -> dict:
+    speed = 1.2 + float(budget)
+    return {"violation_rate": 0.04, "median_speedup": speed, "speedup_p10": speed - 0.1, "speedup_p90": speed + 0.1,
+            "median_loss_points": 0.1, "none_certified_rate": 0.0, "naive_violation_rate": 0.4,
+            "naive_median_speedup": speed + 0.3, "best_test_speedup": speed + 0.2,
+            "ratio_to_best": speed / (speed + 0.2)}
+
+
 def make_report() -> dict:
     return {
         "dataset": "rt-snippets", "model": "minilm", "num_layers": 6, "num_labels": 2,
@@ -52,6 +60,11 @@ def make_report() -> dict:
             },
         },
         "oracle": {"accuracy": 0.9298, "mean_exit_layer": 1.84, "layer_speedup": 3.27, "flops_speedup": 3.1},
+        "calibration": {
+            "delta": 0.1, "resplits": 200, "loss": "accuracy_drop", "loss_definition": "full minus exit correct",
+            "calibration_size": 1000, "test_size": 1568, "method": "LTT", "resampling": "pooled and re-split",
+            "budgets": {b: {name: _study(b) for name in ("entropy", "consistentee")} for b in ("0.5", "1.0")},
+        },
         "settings": {"command": "consistentee benchmark --run-dir runs/x", "machine": {"cpu_count": 2},
                      "versions": {"torch": "2.x"}, "seeds": {"data": 0}, "auc_x_range": [0.0, 0.8],
                      "wall_clock": {"engine": "EarlyExitEngine", "batch_size": 32, "repeats": 5, "examples": 512,
@@ -83,6 +96,7 @@ def test_markdown_and_console_summary_are_readable():
     assert "beta=0.05, threshold=0.5" in md and "none within budget on dev" in md
     assert "consistentee benchmark --run-dir runs/x" in md and "tradeoff_layer_speedup.png" in md
     assert "Gap to the oracle" in md and "+1.71" in md
+    assert "| entropy | 4.0% | 2.20x | 2.10-2.30x | 0% | 2.40x | 92% | 40.0% | 2.50x |" in md
     text = summary_table(report)
     lines = text.splitlines()
     assert lines[0].startswith("rt-snippets / minilm: full depth 85.65%")

@@ -48,7 +48,7 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_encoder_dir, tmp_p
     assert torch.equal(before.exit_logits, after.exit_logits)
     assert torch.equal(before.policy_logits, after.policy_logits)
     assert loaded.config.label_names == LABELS and not loaded.training
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_a_directory_of_another_kind_is_refused(tiny_encoder_dir):
@@ -94,7 +94,8 @@ def test_config_validation():
     with pytest.raises(ModelFormatError, match="at least 2 labels"):
         EarlyExitConfig(backbone={}, label_names=["a"])
     with pytest.raises(ModelFormatError, match="newer"):
-        EarlyExitConfig.from_dict({"kind": "consistentee-early-exit-encoder", "format_version": 99})
+        EarlyExitConfig.from_dict({"kind": "consistentee-early-exit-encoder", "format_version": 99,
+                                   "min_reader_format": 99})
     json.dumps(EarlyExitConfig(backbone={}, label_names=["a", "b"]).to_dict())
 
 

@@ -46,13 +46,16 @@ class RunningServer:
     def __init__(self, app):
         import uvicorn
 
+        from consistentee.serving.app import uvicorn_options
+
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10,
+                                **uvicorn_options(app.state.config))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -73,13 +76,14 @@ class RunningServer:
 
 @pytest.fixture
 def start_server():
-    """start_server(predictor, **config) -> a RunningServer; stopped after the test."""
+    """start_server(predictor, api_key=None, **config) -> a RunningServer; stopped after the test."""
     from consistentee.serving import ServerConfig, create_app
 
     running = []
 
-    def start(predictor, **config):
-        server = RunningServer(create_app(predictor, ServerConfig(**config), model_name="tiny")).start()
+    def start(predictor, api_key=None, **config):
+        server = RunningServer(create_app(predictor, ServerConfig(**config), model_name="tiny",
+                                          api_key=api_key)).start()
         running.append(server)
         return server
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -217,3 +218,153 @@ def test_serve_cli_sigterm_answers_in_flight_request(served_model_dir):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- hostile clients: invalid Unicode, deep nesting, slow bodies, too many connections, disconnects, auth -------
+
+
+def _raw(port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"text": "\\ud800"}', "'text' is not valid Unicode (lone surrogate at character 0)"),
+    (b'{"texts": ["fine", "a \\udfff b"]}', "'texts[1]' is not valid Unicode"),
+    (b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested 100001 levels deep, at most 8"),
+    (b"[" * 9 + b"]" * 9, "nested 9 levels deep"),
+])
+def test_invalid_unicode_and_deep_nesting_are_400_not_500(start_server, predictor, body, message):
+    server = start_server(predictor)
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]
+        assert client.post("/predict", json={"text": "fine"}).status_code == 200  # still serving
+        metrics = _metrics(client)
+        assert 'consistentee_requests_total{path="/predict",status="500"}' not in metrics
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    from consistentee.serving.app import json_depth
+
+    assert json_depth('{"texts": ["a [[[ {{{", "b"]}') == 2
+    assert json_depth('{"a": "\\"[[[["}') == 1
+    assert json_depth("[[[]]]") == 3
+
+
+def test_a_half_sent_body_gets_408_and_the_connection_is_closed(start_server, predictor):
+    server = start_server(predictor, body_timeout_s=0.5)
+    started = time.monotonic()
+    sock = _raw(server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"text\": ")
+    try:
+        answer = _read_all(sock)  # returns only when the server closes the connection
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request body not received within 0.5 s" in answer
+    assert time.monotonic() - started < 8
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert _metrics(client)['consistentee_requests_total{path="/predict",status="408"}'] == 1
+
+
+def test_connections_beyond_the_cap_get_503(start_server, predictor):
+    server = start_server(predictor, max_connections=2, body_timeout_s=5)
+    held = []
+    for _ in range(2):
+        held.append(_raw(server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"))
+        time.sleep(0.2)  # the request is now in the server, waiting for its body
+    try:
+        for sock in held:  # both within the cap: no answer yet
+            sock.settimeout(0.3)
+            with pytest.raises(TimeoutError):
+                sock.recv(100)
+        response = httpx.post(f"{server.url}/predict", json={"text": "fine"}, timeout=10)
+        assert response.status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while True:  # the held connections are gone: served again
+        status = httpx.post(f"{server.url}/predict", json={"text": "fine"}, timeout=10).status_code
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert status == 200
+
+
+def test_client_disconnects_are_counted_apart_from_server_errors(start_server, predictor):
+    server = start_server(predictor, body_timeout_s=5)
+    for _ in range(3):
+        sock = _raw(server.port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 80\r\n\r\n{\"text\"")
+        time.sleep(0.1)
+        sock.close()  # gone before the body is complete
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        deadline = time.monotonic() + 10
+        while _metrics(client).get("consistentee_client_disconnects_total", 0) < 3:
+            assert time.monotonic() < deadline, _metrics(client)
+            time.sleep(0.05)
+        metrics = _metrics(client)
+    assert metrics["consistentee_client_disconnects_total"] == 3
+    assert metrics['consistentee_requests_total{path="/predict",status="499"}'] == 3
+    assert 'consistentee_requests_total{path="/predict",status="500"}' not in metrics
+
+
+def test_bearer_token_is_required_when_an_api_key_is_set(start_server, predictor):
+    server = start_server(predictor, api_key="s3cret")
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/health").status_code == 200  # probes need no key
+        assert client.get("/health").json()["auth"] == "bearer"
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic s3cret"}):
+            response = client.post("/predict", json={"text": "fine"}, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+            assert "API key" in response.json()["error"]
+        assert client.get("/metrics").status_code == 401
+        ok = client.post("/predict", json={"text": "fine"}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["predictions"][0]["label"] in ("neg", "pos")
+        metrics = client.get("/metrics", headers={"authorization": "Bearer s3cret"}).text
+    assert 'consistentee_requests_total{path="/predict",status="401"} 3' in metrics
+
+
+def test_serve_options_are_checked_before_the_port_and_the_model(monkeypatch):
+    import argparse
+
+    from consistentee.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.configure(parser)
+    args = parser.parse_args(["--model", "/nowhere", "--host", "0.0.0.0"])
+    monkeypatch.delenv("CONSISTENTEE_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="reachable from other machines: set an API key"):
+        serve.check_options(args)
+    monkeypatch.setenv("CONSISTENTEE_API_KEY", "from-env")
+    assert serve.api_key_from(args) == "from-env"
+    with pytest.raises(FileNotFoundError, match="no such model"):  # auth fine now; the model is next
+        serve.check_options(args)
+    args = parser.parse_args(["--model", "/nowhere", "--api-key", "flag"])
+    assert serve.api_key_from(args) == "flag"  # the flag wins over the environment
+
+
+def test_a_port_in_use_fails_before_listening_is_printed(served_model_dir, capsys):
+    from consistentee.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", served_model_dir, "--rule", "entropy", "--port", str(port),
+                     "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err == f"consistentee: error: cannot listen on 127.0.0.1:{port}: Address already in use"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -22,6 +23,17 @@ def _base_type(hint: Any) -> tuple[type, bool]:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0], True
     return hint, False
+
+
+def finite_float(text: str) -> float:
+    """A float option that refuses NaN and infinities: ``--learning-rate nan`` would train and save a NaN model."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+finite_float.__name__ = "float"
 
 
 def _none_or(kind: type):
@@ -43,6 +55,7 @@ def add_dataclass_options(
         if f.name in skip or not f.init or "help" not in f.metadata:
             continue
         kind, optional = _base_type(hints[f.name])
+        parse: Any = finite_float if kind is float else kind
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         if flag in existing:
@@ -56,7 +69,7 @@ def add_dataclass_options(
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=f.metadata["help"])
         else:
-            parser.add_argument(flag, dest=f.name, type=_none_or(kind) if optional else kind, default=default,
+            parser.add_argument(flag, dest=f.name, type=_none_or(parse) if optional else parse, default=default,
                                 metavar=f.metadata.get("metavar", kind.__name__.upper()), help=f.metadata["help"],
                                 **extra)
 

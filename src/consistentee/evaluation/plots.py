@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from .metrics import as_numpy
 
-__all__ = ["layer_counts", "plot_exit_histograms", "plot_histogram", "plot_tradeoff", "save_figure"]
+__all__ = ["layer_counts", "plot_budget_curves", "plot_exit_histograms", "plot_histogram", "plot_tradeoff", "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
@@ -56,9 +56,15 @@ def plot_tradeoff(
     *,
     title: str | None = None,
     ylabel: str = "accuracy",
+    steps: bool = False,
+    x_max: float | None = None,
 ) -> Path:
     """One line per rule through its ``(x, accuracy)`` points (sorted by x); a dashed line at the
-    full-depth accuracy and a star at the oracle's ``(x, accuracy)`` when given."""
+    full-depth accuracy and a star at the oracle's ``(x, accuracy)`` when given.
+
+    ``steps``: draw each frontier as the attainable-accuracy step function (a speed-up between two points is
+    only delivered at the accuracy of the faster one), never as straight lines no knob reaches. ``x_max``
+    cuts the x axis (from 1) so the region users operate in stays readable."""
     fig = Figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot(1, 1, 1)
     for name, points in curves.items():
@@ -66,7 +72,8 @@ def plot_tradeoff(
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name)
+        ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, label=name,
+                drawstyle="steps-pre" if steps else "default")
     if full_accuracy is not None:
         ax.axhline(float(full_accuracy), color="black", linestyle="--", linewidth=0.9, label="full depth")
     if oracle is not None:
@@ -80,7 +87,40 @@ def plot_tradeoff(
             linestyle="none",
             label="oracle",
         )
+    if x_max is not None:
+        ax.set_xlim(1.0, x_max)
+        ys_in = [float(a) for pts in curves.values() for x, a in pts if float(x) <= x_max]
+        if full_accuracy is not None:
+            ys_in.append(float(full_accuracy))
+        if ys_in:
+            lo, hi = min(ys_in), max(ys_in)
+            ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
     ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_budget_curves(
+    series: Mapping[str, Sequence[Sequence[float]]], ylabel: str, path: str | os.PathLike, *,
+    hline: float | None = None, hline_label: str | None = None, title: str | None = None,
+) -> Path:
+    """One line per rule through ``(budget, value)`` pairs (e.g. violation rate or median speed-up against the
+    accuracy budget), with an optional horizontal reference line (e.g. delta)."""
+    fig = Figure(figsize=(6.0, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, pts in series.items():
+        pts = sorted((float(b), float(v)) for b, v in pts if v is not None)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name)
+    if hline is not None:
+        ax.axhline(hline, color="black", linestyle="--", linewidth=0.9, label=hline_label)
+    ax.set_xlabel("accuracy budget (points below full depth)")
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

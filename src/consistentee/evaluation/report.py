@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from consistentee.evaluation.curves import pareto_frontier
-from consistentee.evaluation.plots import plot_exit_histograms, plot_histogram, plot_tradeoff
+from consistentee.evaluation.plots import (
+    plot_budget_curves,
+    plot_exit_histograms,
+    plot_histogram,
+    plot_tradeoff,
+)
 from consistentee.utils.io import write_json, write_text
 
 __all__ = [
@@ -55,6 +60,8 @@ PLOT_FILES = {
     "tradeoff_wall": "tradeoff_wall_speedup.png",
     "exit_histograms": "exit_histograms.png",
     "memorized_layers": "memorized_layers.png",
+    "calibration_speedup": "calibration_speedup_vs_budget.png",
+    "calibration_violations": "calibration_violations_vs_budget.png",
 }
 
 
@@ -205,6 +212,74 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     out += _table([h.format(b="1pt") for h in SUMMARY_HEADER], _summary_rows(report, "1pt"), "lrrrlrrrr")
     out += ["", "### Dev-selected within 0.5 point", ""]
     out += _table([h.format(b="0.5pt") for h in SUMMARY_HEADER], _summary_rows(report, "0.5pt"), "lrrrlrrrr")
+    if any(m.get("calibrated") for m in report["methods"].values()):
+        cal = report.get("calibration") or {}
+        delta = cal.get("delta", s.get("bench", {}).get("delta"))
+        out += ["", "## Calibrated operating points", ""]
+        out.append("The fastest knob that Learn-then-Test certifies on **dev** to keep the accuracy loss against full "
+                   f"depth within the budget with probability at least 1 - delta (delta = {delta}), and what it gave "
+                   "on test. `none certified` = the model runs at full depth.")
+        for b in ("0.5pt", "1pt"):
+            rows = []
+            for name, m in report["methods"].items():
+                c = (m.get("calibrated") or {}).get(b)
+                if not c:
+                    continue
+                loss = c.get("test_loss_points")
+                rows.append([name, _knob(m, c["knob"]) if c.get("knob") is not None else "none certified",
+                             str(c.get("certified", 0)),
+                             _pct(c.get("test_accuracy")) + ("" if loss is None else f" ({-loss:+.2f})"),
+                             _x(c.get("test_layer_speedup")), _x(c.get("test_flops_speedup")),
+                             _x(c.get("test_wall_speedup"))])
+            out += ["", f"### Budget {b}", ""]
+            out += _table(["rule", "calibrated knob", "certified knobs", "test acc % (pt vs full)", "layer x",
+                           "FLOPs x", "wall x"], rows, "llrrrrr")
+    if report.get("calibration"):
+        cal = report["calibration"]
+        out += ["", "## How often a chosen operating point breaks its budget on unseen data", ""]
+        out.append(f"{cal['resampling']} ({cal['resplits']} re-splits, {cal['calibration_size']} / "
+                   f"{cal['test_size']} rows). Loss: {cal['loss_definition']}. Method: {cal['method']}. "
+                   "Violation rate should stay at most delta for calibrated points; the naive choice has no such "
+                   "guarantee. Ratio = median calibrated speed-up / best layer speed-up read off the test curve.")
+        for b, rules in cal["budgets"].items():
+            rows = [[name, f"{100 * e['violation_rate']:.1f}%", _x(e["median_speedup"]),
+                     f"{e['speedup_p10']:.2f}-{e['speedup_p90']:.2f}x", f"{100 * e['none_certified_rate']:.0f}%",
+                     _x(e["best_test_speedup"]),
+                     "—" if e.get("ratio_to_best") is None else f"{100 * e['ratio_to_best']:.0f}%",
+                     f"{100 * e['naive_violation_rate']:.1f}%", _x(e["naive_median_speedup"])]
+                    for name, e in rules.items()]
+            out += ["", f"### Budget {float(b):g} point(s)", ""]
+            out += _table(["rule", "violation rate", "median x", "p10-p90", "none certified", "best test x",
+                           "ratio", "naive violation rate", "naive median x"], rows)
+    routing_rows = []
+    for name, m in report["methods"].items():
+        for where, r in (m.get("routing") or {}).items():
+            counts = r["exit_layer_counts"]
+            total = max(sum(counts), 1)
+            routing_rows.append([
+                name, where.replace("_1pt", " 1pt").replace("_", " "), _knob(m, r.get("knob")),
+                " / ".join(f"{100 * c / total:.0f}" for c in counts),
+                "—" if r.get("spearman_with_oracle_exit") is None else f"{r['spearman_with_oracle_exit']:+.2f}",
+                " / ".join("—" if a is None else f"{100 * a:.0f}" for a in r["accuracy_by_exit_layer"])])
+    if routing_rows:
+        out += ["", "## Routing: does the rule tell inputs apart?", ""]
+        out.append("On test, at the rule's calibrated and dev-selected 1-point settings: the share of inputs that exit "
+                   "at each layer (%), the Spearman correlation of the exit taken with the oracle's earliest correct "
+                   "exit (how well the exit tracks the input's hardness; `—`: one layer for every input), and the "
+                   "accuracy of the inputs sent to each layer (%).")
+        out.append("")
+        out += _table(["rule", "setting", "knob", "exit share by layer (%)", "rank corr. with oracle exit",
+                       "accuracy by exit layer (%)"], routing_rows, "lllrrr")
+    if report.get("same_weights"):
+        out += ["", "## Same weights: every rule on each ConsistentEE model", ""]
+        out.append("Each rule's decisions on the ConsistentEE model's own weights (budgets against the stage-1 full "
+                   "depth, as above; AUC over that model's common range): what the policy's decision adds beyond "
+                   "consistent training.")
+        for beta, block in report["same_weights"].items():
+            out += ["", f"### beta {beta} (full depth {_pct(block['full_depth_test_accuracy'])}%)", ""]
+            rows = [[name, _pct(r["auc"]), _x(r["best_layer_speedup_at_0.5pt"]), _x(r["best_layer_speedup_at_1pt"])]
+                    for name, r in block["rules"].items()]
+            out += _table(["rule", "AUC (%)", "best layer x @0.5pt", "best layer x @1pt"], rows)
     out += ["", "### Gap to the oracle", ""]
     out.append(f"The oracle reaches {_pct(oracle['accuracy'])}% at {_x(oracle['layer_speedup'])}. Accuracy gap: "
                "oracle accuracy minus the rule's best test accuracy at a speed-up at least the oracle's "
@@ -223,16 +298,22 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         rows = [[beta, v.get("path", ""), _pct(v.get("full_depth_test_accuracy"))]
                 for beta, v in report["consistentee_models"].items()]
         out += _table(["beta", "model", "full-depth test acc (%)"], rows, "llr")
-    out += ["", "## Every operating point (test)", ""]
+    out += ["", "## Operating points on the test frontier", ""]
+    out.append("Each rule's points on its test Pareto frontier (layer speed-up, accuracy) and every timed point; "
+               "report.json lists every simulated point.")
+    out.append("")
     for name, m in report["methods"].items():
         rows = []
         frontier = {tuple(p) for p in pareto_frontier([(p["layer_speedup"], p["accuracy"]) for p in m["points"]])}
-        for p in m["points"]:
+        shown = [p for p in m["points"]
+                 if (p["layer_speedup"], p["accuracy"]) in frontier or p.get("wall_speedup") is not None]
+        for p in shown:
             on = "*" if (p["layer_speedup"], p["accuracy"]) in frontier else ""
             rows.append([_knob(m, p["knob"]) + on, _pct(p["accuracy"]), _pct(p["macro_f1"]),
                          f"{p['mean_exit_layer']:.2f}", _x(p["layer_speedup"]), _x(p["flops_speedup"]),
                          _x(p["wall_speedup"]), _pct(p.get("dev_accuracy")), _x(p.get("dev_layer_speedup"))])
-        out += [f"<details><summary>{name}: {len(m['points'])} points (* = on the test frontier)</summary>", ""]
+        out += [f"<details><summary>{name}: {len(shown)} of {len(m['points'])} points (* = on the test frontier)"
+                "</summary>", ""]
         out += _table(["knob", "acc %", "macro-F1 %", "mean exit", "layer x", "FLOPs x", "wall x", "dev acc %",
                        "dev layer x"], rows)
         out += ["", "</details>", ""]
@@ -277,7 +358,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
                     "tradeoff_flops": "accuracy vs FLOPs speed-up (each rule's test frontier)",
                     "tradeoff_wall": "accuracy vs wall-clock speed-up (timed points only)",
                     "exit_histograms": "exit layers on test at each rule's dev-selected 1-point setting",
-                    "memorized_layers": "memorized layer of the training examples"}
+                    "memorized_layers": "memorized layer of the training examples",
+                    "calibration_speedup": "resampling study: median calibrated layer speed-up against the budget",
+                    "calibration_violations": "resampling study: how often the calibrated point broke its budget"}
         for key, file in plots.items():
             out.append(f"- `{file}`: {captions.get(key, key)}")
         out.append("")
@@ -314,10 +397,26 @@ def write_plots(
         if not any(curves.values()):
             continue
         star = oracle.get(measure)
+        x_max = max(3.0, min(4.0, 1.1 * float(star or 0.0)))
         plot_tradeoff(curves, label, out_dir / PLOT_FILES[key], full_accuracy=full,
                       oracle=None if star is None else (star, oracle["accuracy"]),
-                      title=f"{Path(str(report['dataset'])).name}: accuracy vs {label.split(' (')[0]} (test)")
+                      title=f"{Path(str(report['dataset'])).name}: accuracy vs {label.split(' (')[0]} (test)",
+                      steps=True, x_max=x_max)
         files[key] = PLOT_FILES[key]
+    study = (report.get("calibration") or {}).get("budgets")
+    if study:
+        rules = list(next(iter(study.values())))
+        name = Path(str(report["dataset"])).name
+        for key, field, label, line in (
+                ("calibration_speedup", "median_speedup", "median layer speed-up on the held-out part", None),
+                ("calibration_violations", "violation_rate", "share of re-splits over budget",
+                 report["calibration"]["delta"])):
+            series = {r: [(float(b), study[b][r][field]) for b in study] for r in rules}
+            plot_budget_curves(series, label, out_dir / PLOT_FILES[key], hline=line,
+                               hline_label=None if line is None else "delta",
+                               title=f"{name}: calibrated operating points ({report['calibration']['resplits']} "
+                                     "re-splits)")
+            files[key] = PLOT_FILES[key]
     if exit_layers_by_rule:
         plot_exit_histograms(exit_layers_by_rule, report["num_layers"], out_dir / PLOT_FILES["exit_histograms"])
         files["exit_histograms"] = PLOT_FILES["exit_histograms"]

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
+from consistentee.evaluation.calibration import LOSS_DEFINITIONS, Outcomes, calibrate, resampling_study
 from consistentee.evaluation.curves import (
     auc_saved_fraction,
     best_speedup_within,
@@ -19,12 +22,16 @@ from consistentee.evaluation.sweep import PointResult
 
 __all__ = [
     "LOSS_BUDGETS",
+    "STUDY_BUDGETS",
     "attainable_accuracy",
     "auc_x_range",
     "best_point_index",
     "budget_key",
+    "calibrated_points",
+    "calibration_study",
     "frontier_indices",
     "oracle_gap",
+    "routing_diagnostics",
     "select_wall_points",
     "summarize_method",
 ]
@@ -111,6 +118,35 @@ def summarize_method(
     return out
 
 
+def calibrated_points(
+    points: Sequence[PointResult], outcomes: Outcomes, num_dev: int, full_test_accuracy: float,
+    budgets: Sequence[float] = LOSS_BUDGETS, *, delta: float, loss: str, seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Per budget: the point Learn-then-Test certifies on dev (``outcomes`` rows ``0..num_dev-1``) and
+    what it gave on test. ``index`` None means nothing was certified: the model runs at full depth."""
+    out = {}
+    dev_rows = np.arange(num_dev)
+    for b in budgets:
+        choice = calibrate(outcomes, dev_rows, max_loss_points=b, delta=delta, loss=loss, order_seed=seed)
+        if choice.index is None:
+            out[budget_key(b)] = {"index": None, "knob": None, "certified": 0, "dev_layer_speedup": 1.0,
+                                  "test_accuracy": full_test_accuracy, "test_layer_speedup": 1.0,
+                                  "test_flops_speedup": 1.0, "test_wall_speedup": None, "test_loss_points": 0.0,
+                                  "within_budget_on_test": True, "note": "nothing certified: full depth"}
+            continue
+        p = points[choice.index]
+        test_loss = 100.0 * (full_test_accuracy - p.test["accuracy"])
+        out[budget_key(b)] = {
+            "index": choice.index, "knob": p.knob, "certified": choice.certified,
+            "dev_accuracy": p.dev["accuracy"], "dev_layer_speedup": p.dev["layer_speedup"],
+            "test_accuracy": p.test["accuracy"], "test_macro_f1": p.test["macro_f1"],
+            "test_layer_speedup": p.test["layer_speedup"], "test_flops_speedup": p.test["flops_speedup"],
+            "test_wall_speedup": p.wall_speedup, "test_loss_points": test_loss,
+            "within_budget_on_test": bool(test_loss <= b + 1e-9),
+        }
+    return out
+
+
 def attainable_accuracy(points: Sequence[PointResult], saved: float) -> float | None:
     """Best test accuracy of any point that saves at least ``saved`` (None: no point saves that much)."""
     accs = [p.test["accuracy"] for p in points if p.test["saved_fraction"] >= saved - 1e-12]
@@ -145,11 +181,12 @@ def best_point_index(points: Sequence[PointResult], summary: Mapping[str, Any]) 
 
 
 def select_wall_points(points: Sequence[PointResult], summary: Mapping[str, Any], frontier_points: int) -> list[int]:
-    """Point indices to time: the dev-selected ones, then ``frontier_points`` spread along the test frontier."""
+    """Point indices to time: the calibrated and dev-selected ones, then ``frontier_points`` spread along the test frontier."""
     chosen: list[int] = []
-    for sel in summary.get("dev_selected", {}).values():
-        if sel.get("index") is not None and sel["index"] not in chosen:
-            chosen.append(sel["index"])
+    for part in ("calibrated", "dev_selected"):
+        for sel in summary.get(part, {}).values():
+            if sel.get("index") is not None and sel["index"] not in chosen:
+                chosen.append(sel["index"])
     frontier = [i for i in frontier_indices(points) if i not in chosen]
     if frontier_points > 0 and frontier:
         k = min(frontier_points, len(frontier))
@@ -157,3 +194,63 @@ def select_wall_points(points: Sequence[PointResult], summary: Mapping[str, Any]
             [len(frontier) // 2]
         chosen.extend(frontier[j] for j in picks)
     return chosen
+
+
+#: budgets (accuracy points) of the resampling study; the report's JSON keys are ``str(float(budget))``.
+STUDY_BUDGETS = (0.25, 0.5, 1.0, 1.5, 2.0)
+
+
+def calibration_study(
+    outcomes: Mapping[str, Outcomes], summaries: Mapping[str, Mapping[str, Any]],
+    points: Mapping[str, Sequence[PointResult]], num_dev: int, num_test: int, full_test_accuracy: float, *,
+    delta: float, loss: str, resplits: int, seed: int = 0, budgets: Sequence[float] = STUDY_BUDGETS,
+) -> dict[str, Any]:
+    """The report's ``"calibration"`` block: per budget and rule, the resampling study
+    (:func:`~consistentee.evaluation.calibration.resampling_study`) beside the best layer speed-up read off
+    the test curve, and their ratio."""
+    by_budget: dict[str, dict[str, Any]] = {str(float(b)): {} for b in budgets}
+    for name, out in outcomes.items():
+        study = resampling_study(out, calibration_size=num_dev, test_size=num_test, budgets=budgets, delta=delta,
+                                 loss=loss, resplits=resplits, seed=seed)
+        pairs = [(p.test["layer_speedup"], p.test["accuracy"]) for p in points[name]]
+        for b in budgets:
+            entry = dict(study[str(float(b))])
+            best = best_speedup_within(pairs, full_test_accuracy, b)
+            entry["best_test_speedup"] = best
+            entry["ratio_to_best"] = None if not best else entry["median_speedup"] / best
+            by_budget[str(float(b))][name] = entry
+    return {"delta": delta, "resplits": resplits, "loss": loss, "loss_definition": LOSS_DEFINITIONS[loss],
+            "calibration_size": num_dev, "test_size": num_test,
+            "method": "Learn-then-Test, fixed-sequence testing from conservative to aggressive knobs (Bonferroni "
+                      "over sequences: one per ConsistentEE model and per PCEE patience), "
+                      + ("WSR betting p-values" if loss == "accuracy_drop" else "Hoeffding-Bentkus p-values")
+                      + "; the fastest certified knob; nothing certified = full depth",
+            "resampling": "dev and test pooled and split at random (same sizes) resplits times; calibrated on the "
+                          "first part, measured on the second; a violation is a realised accuracy loss against "
+                          "full depth above the budget; naive = fastest knob within the budget on the first part",
+            "budgets": by_budget}
+
+
+def routing_diagnostics(exit_layers: Any, predictions: Any, labels: Any, oracle_exit_layers: Any,
+                        num_layers: int) -> dict[str, Any]:
+    """Does a rule route by input? The exit-layer histogram, how the exit taken tracks the input's hardness
+    (Spearman correlation with the oracle's earliest correct exit), and the accuracy of the inputs sent to
+    each layer. A rule that sends every input to one layer has one bin and no correlation."""
+    from scipy.stats import spearmanr
+
+    e = np.asarray(exit_layers).reshape(-1)
+    right = np.asarray(predictions).reshape(-1) == np.asarray(labels).reshape(-1)
+    oracle = np.asarray(oracle_exit_layers).reshape(-1)
+    counts = np.bincount(e - 1, minlength=num_layers)[:num_layers]
+    if len(np.unique(e)) > 1 and len(np.unique(oracle)) > 1:
+        rho = float(spearmanr(e, oracle).statistic)
+    else:
+        rho = None
+    return {
+        "exit_layer_counts": counts.tolist(),
+        "layers_used": int((counts > 0).sum()),
+        "largest_layer_share": float(counts.max() / max(counts.sum(), 1)),
+        "spearman_with_oracle_exit": rho,
+        "accuracy_by_exit_layer": [float(right[e == layer].mean()) if (e == layer).any() else None
+                                   for layer in range(1, num_layers + 1)],
+    }

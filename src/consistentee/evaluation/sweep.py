@@ -200,6 +200,9 @@ class PointResult:
     test_predictions: torch.Tensor
     wall_speedup: float | None = None
     wall: dict | None = None
+    #: the dev split's exit layers and predictions (what calibration and the resampling study read).
+    dev_exit_layers: torch.Tensor | None = None
+    dev_predictions: torch.Tensor | None = None
 
     def to_json(self) -> dict:
         t = self.test
@@ -213,6 +216,7 @@ class PointResult:
             "saved_fraction": t["saved_fraction"],
             "flops_speedup": t["flops_speedup"],
             "wall_speedup": self.wall_speedup,
+            **({"wall_invalid": self.wall["invalid"]} if self.wall and self.wall.get("invalid") else {}),
             "dev_accuracy": self.dev["accuracy"],
             "dev_layer_speedup": self.dev["layer_speedup"],
         }
@@ -226,27 +230,47 @@ def build_candidates(
     grid: Sequence[Any] | None = None,
     policy_tables: Mapping[float, tuple[EvalTables, EvalTables]] | None = None,
     thresholds: Sequence[float] | None = None,
+    grid_points: int = 0,
 ) -> list[Candidate]:
-    """The sweep of one rule: its default grid (scaled to the classes and layers), or ``grid``.
+    """The sweep of one rule: ``grid``, else ``grid_points`` knobs at quantiles of the rule's own score on
+    dev and test together (plus its default grid; :meth:`ExitRule.data_grid`), else its default grid
+    (scaled to the classes and layers). The grid reads no labels.
 
     ``consistentee`` takes its points from ``policy_tables`` (``beta -> (dev, test)`` tables of each
-    beta's model), crossed with ``thresholds``.
+    beta's model), crossed with ``thresholds`` (or a quantile grid of that model's policy probabilities).
     """
     cls = RULES[rule_name]
     if rule_name == "consistentee":
         if not policy_tables:
             raise ValueError("the consistentee rule needs the tables of at least one beta model")
-        thresholds = list(thresholds if thresholds is not None else (grid or cls.default_grid()))
-        return [
-            Candidate(rule_name, knob_to_json(rule_name, thr, beta), make_rule(rule_name, thr), d, t, float(beta))
-            for beta, (d, t) in sorted(policy_tables.items())
-            for thr in thresholds
-        ]
+        out = []
+        for beta, (d, t) in sorted(policy_tables.items()):
+            if thresholds is not None:
+                values = list(thresholds)
+            elif grid is not None:
+                values = list(grid)
+            elif grid_points > 0:
+                values = cls.data_grid(*_pooled(d, t), points=grid_points)
+            else:
+                values = cls.default_grid()
+            out.extend(Candidate(rule_name, knob_to_json(rule_name, thr, beta), make_rule(rule_name, thr), d, t,
+                                 float(beta)) for thr in values)
+        return out
+    if grid is None and grid_points > 0:
+        grid = cls.data_grid(*_pooled(dev, test), points=grid_points)
     if grid is None:
         grid = cls.default_grid(num_classes=test.num_classes, num_layers=test.num_layers)
     if rule_name == "static":
         grid = [k for k in grid if k <= test.num_layers]
     return [Candidate(rule_name, knob_to_json(rule_name, k), make_rule(rule_name, k), dev, test) for k in grid]
+
+
+def _pooled(dev: EvalTables, test: EvalTables) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Dev and test signals stacked: what a quantile grid is built on."""
+    def cat(a, b):
+        return None if a is None or b is None else torch.cat([a, b])
+    return cat(dev.probs, test.probs), cat(dev.policy_probs, test.policy_probs), \
+        cat(dev.learned_scores, test.learned_scores)
 
 
 def _simulate(rule: ExitRule, tables: EvalTables):
@@ -264,6 +288,7 @@ def sweep(candidates: Sequence[Candidate], flops: FlopsSpec | None = None) -> li
             dev=evaluate_exits(c.rule_name, d.exit_layer, d.predictions, c.dev, None),
             test=evaluate_exits(c.rule_name, t.exit_layer, t.predictions, c.test, flops),
             test_exit_layers=t.exit_layer.cpu(), test_predictions=t.predictions.cpu(),
+            dev_exit_layers=d.exit_layer.cpu(), dev_predictions=d.predictions.cpu(),
         ))
     return points
 

@@ -24,7 +24,8 @@ from consistentee.exits.rules import make_rule
 from consistentee.inference.engine import EarlyExitEngine, full_depth_logits
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 
-__all__ = ["ENGINE_NAME", "WallClock", "measure_wall_clock", "synchronize", "time_operating_points", "timing_batches"]
+__all__ = ["ENGINE_NAME", "CheckedTiming", "WallClock", "checked_wall_clock", "measure_wall_clock", "reference_spread", "suspect_points",
+           "synchronize", "time_operating_points", "timing_batches"]
 
 #: what ``report.json`` names as the timed engine.
 ENGINE_NAME = "consistentee.inference.engine.EarlyExitEngine"
@@ -89,6 +90,72 @@ def measure_wall_clock(
     bar.close()
     full = times.pop(full_key)
     return WallClock(full_seconds=full, seconds=times)
+
+
+#: a wall-clock speed-up may exceed the point's FLOPs speed-up by this much before it is suspect.
+WALL_OVER_FLOPS_TOLERANCE = 0.10
+#: the full-depth reference is noisy when (max - min) / median of its rounds exceeds this.
+REFERENCE_SPREAD_LIMIT = 0.25
+
+
+def reference_spread(clock: WallClock) -> float:
+    """(max - min) / median of the full-depth rounds: how steady the reference was."""
+    full = clock.full_seconds
+    return (max(full) - min(full)) / clock.full_median if full else 0.0
+
+
+def suspect_points(clock: WallClock, flops_speedups: Mapping[Any, float | None], *,
+                   tolerance: float = WALL_OVER_FLOPS_TOLERANCE,
+                   spread_limit: float = REFERENCE_SPREAD_LIMIT) -> dict[Any, str]:
+    """Timed points whose figure cannot be trusted, with the reason.
+
+    Skipping layers cannot save more time than it saves work, so a wall-clock speed-up more than
+    ``tolerance`` above the FLOPs speed-up means the timing, not the method, moved (typically another
+    process slowed the full-depth rounds). A noisy reference makes every point suspect.
+    """
+    spread = reference_spread(clock)
+    out: dict[Any, str] = {}
+    for key, speed in clock.speedups().items():
+        flops = flops_speedups.get(key)
+        if spread > spread_limit:
+            out[key] = f"noisy full-depth reference (spread {100 * spread:.0f}% of its median)"
+        elif flops is not None and speed > (1.0 + tolerance) * flops:
+            out[key] = f"wall {speed:.2f}x above FLOPs {flops:.2f}x by more than {100 * tolerance:.0f}%"
+    return out
+
+
+@dataclass
+class CheckedTiming:
+    """Speed-ups that passed :func:`suspect_points`, possibly after re-timing, and those that did not."""
+
+    clock: WallClock
+    speedups: dict[Any, float]
+    median_seconds: dict[Any, float]
+    suspects: dict[Any, str]
+    retimed: int
+
+
+def checked_wall_clock(full_fn: Callable[[], Any], fns: Mapping[Any, Callable[[], Any]],
+                       flops_speedups: Mapping[Any, float | None], *, repeats: int, retries: int = 1,
+                       progress: bool = False, **kwargs: Any) -> CheckedTiming:
+    """:func:`measure_wall_clock`, then the suspect points (:func:`suspect_points`) re-timed up to ``retries``
+    times, each time against a fresh full-depth reference; a point keeps the speed-up of its latest timing.
+    Points still suspect after the retries are returned with the reason."""
+    clock = measure_wall_clock(full_fn, fns, repeats=repeats, progress=progress, **kwargs)
+    speedups = clock.speedups()
+    medians = {k: clock.median(k) for k in fns}
+    suspects = suspect_points(clock, flops_speedups)
+    retimed = 0
+    for _ in range(retries):
+        if not suspects:
+            break
+        retimed += len(suspects)
+        again = measure_wall_clock(full_fn, {k: fns[k] for k in suspects}, repeats=repeats, progress=progress,
+                                   desc="re-timing suspect points", **kwargs)
+        speedups.update(again.speedups())
+        medians.update({k: again.median(k) for k in suspects})
+        suspects = suspect_points(again, flops_speedups)
+    return CheckedTiming(clock, speedups, medians, suspects, retimed)
 
 
 def synchronize(device: torch.device) -> None:
@@ -165,17 +232,34 @@ def time_operating_points(
     examples = int(timed_rows.numel())
     log(f"timing {len(jobs)} operating points against full depth on {examples} test examples, "
         f"batch {len(batches[0]['index'])}, {repeats} interleaved rounds, {torch.get_num_threads()} threads")
-    clock = measure_wall_clock(full_job, jobs, repeats=repeats, warmup=0, progress=progress)
-    for (name, index), speed in clock.speedups().items():
+    flops = {key: points[key[0]][key[1]].test["flops_speedup"] for key in jobs}
+    timing = checked_wall_clock(full_job, jobs, flops, repeats=repeats, warmup=0, progress=progress)
+    clock, suspects, retimed = timing.clock, timing.suspects, timing.retimed
+    for (name, index), speed in timing.speedups.items():
         p = points[name][index]
-        p.wall_speedup = speed
-        p.wall = {"median_seconds": clock.median((name, index)), "engine_exit_agreement": agreement[(name, index)]}
-        for sel in summaries[name]["dev_selected"].values():
-            if sel["index"] == index:
-                sel["test_wall_speedup"] = speed
-    info: dict[str, Any] = {"examples": examples}
+        reason = suspects.get((name, index))
+        p.wall_speedup = None if reason else speed
+        p.wall = {"median_seconds": timing.median_seconds[(name, index)],
+                  "engine_exit_agreement": agreement[(name, index)]}
+        if reason:
+            p.wall.update({"invalid": reason, "measured_speedup": speed})
+        for part in ("dev_selected", "calibrated"):
+            for sel in summaries[name].get(part, {}).values():
+                if sel["index"] == index:
+                    sel["test_wall_speedup"] = p.wall_speedup
+    info: dict[str, Any] = {"examples": examples, "retimed_points": retimed, "invalid_points": len(suspects),
+                            "reference_spread": reference_spread(clock),
+                            "validity_check": f"a point is re-timed, then marked invalid (wall_speedup null), when its "
+                                              f"wall speed-up exceeds its FLOPs speed-up by more than "
+                                              f"{100 * WALL_OVER_FLOPS_TOLERANCE:.0f}% or the full-depth rounds spread "
+                                              f"more than {100 * REFERENCE_SPREAD_LIMIT:.0f}% of their median"}
+    if suspects:
+        info["warning"] = (f"{len(suspects)} timed point(s) stayed implausible after re-timing and are reported as "
+                           "invalid (the machine was busy?): " + "; ".join(
+                               f"{n} #{i}: {r}" for (n, i), r in sorted(suspects.items())))
+        log(f"warning: {info['warning']}")
     if clock.full_median < 0.2:
-        info["warning"] = (f"a full-depth round took only {clock.full_median * 1000:.0f} ms: wall-clock ratios "
+        info["warning"] = (info.get("warning", "") + " " if info.get("warning") else "") + (f"a full-depth round took only {clock.full_median * 1000:.0f} ms: wall-clock ratios "
                            "this short are dominated by noise; time more examples (wall_examples)")
         log(f"warning: {info['warning']}")
     info["full_depth_median_seconds"] = clock.full_median

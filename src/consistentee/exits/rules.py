@@ -181,6 +181,39 @@ class ExitRule(ABC):
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list:
         """A sweep grid for the knob. ``num_classes``/``num_layers`` scale it where that matters."""
 
+    @classmethod
+    def aggressiveness(cls, knob: Any) -> float:
+        """A number that grows as ``knob`` makes rows exit earlier (calibration tests knobs in this order)."""
+        raise NotImplementedError(f"rule {cls.name!r} has no knob order")
+
+    @classmethod
+    def sequence_key(cls, knob: Any) -> Any:
+        """Knobs with the same key are ordered along one calibration sequence (PCEE: one per patience)."""
+        return None
+
+    @classmethod
+    def knob_scores(
+        cls, probs: Tensor, policy_probs: Tensor | None = None, learned_scores: Tensor | None = None
+    ) -> Tensor | None:
+        """The per-layer score the knob thresholds, ``[N, L-1]`` (None: the knob is not a threshold)."""
+        return None
+
+    @classmethod
+    def data_grid(
+        cls, probs: Tensor, policy_probs: Tensor | None = None, learned_scores: Tensor | None = None,
+        *, points: int = 100,
+    ) -> list:
+        """Knob candidates at ``points`` quantiles of the rule's own score on a split (layers 1..L-1), with
+        the default grid added, so a curve is traced finely where the rows actually are."""
+        num_classes, num_layers = probs.shape[2], probs.shape[1]
+        default = cls.default_grid(num_classes=num_classes, num_layers=num_layers)
+        scores = cls.knob_scores(probs, policy_probs, learned_scores)
+        if scores is None or scores.numel() == 0 or points < 2:
+            return default
+        levels = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+        values = torch.quantile(scores.reshape(-1).double(), levels).tolist()
+        return _grid([*values, *default])
+
     def check_signals(self, signals: LayerSignals) -> None:
         for need in self.needs:
             if getattr(signals, need) is None:
@@ -206,6 +239,14 @@ class EntropyRule(ExitRule):
         return entropy(signals.probs) < self.knob, state
 
     @classmethod
+    def aggressiveness(cls, knob):
+        return float(knob)
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        return entropy(probs[:, :-1])
+
+    @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
         fractions = [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
         return _grid(f * math.log(max(num_classes, 2)) for f in fractions)
@@ -223,6 +264,14 @@ class ConfidenceRule(ExitRule):
     def decide(self, layer, signals, state):
         self.check_signals(signals)
         return signals.probs.max(dim=-1).values >= self.knob, state
+
+    @classmethod
+    def aggressiveness(cls, knob):
+        return -float(knob)
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        return probs[:, :-1].max(dim=-1).values
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
@@ -254,6 +303,10 @@ class PatienceRule(ExitRule):
         return count >= self.knob, {"prev": pred, "count": count}
 
     @classmethod
+    def aggressiveness(cls, knob):
+        return -float(knob)
+
+    @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[int]:
         return list(range(1, num_layers + 1))
 
@@ -280,6 +333,23 @@ class PCEERule(ExitRule):
         return count >= t, {"count": count}
 
     @classmethod
+    def aggressiveness(cls, knob):
+        return float(knob[1])
+
+    @classmethod
+    def sequence_key(cls, knob):
+        return int(knob[0])
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        return entropy(probs[:, :-1])
+
+    @classmethod
+    def data_grid(cls, probs, policy_probs=None, learned_scores=None, *, points=100):
+        thresholds = EntropyRule.data_grid(probs, points=points)
+        return [(t, s) for t in (1, 2, 3, 4) if t <= probs.shape[1] for s in thresholds]
+
+    @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[tuple[int, float]]:
         ln_c = math.log(max(num_classes, 2))
         thresholds = _grid(f * ln_c for f in (0.05, 0.1, 0.2, 0.3, 0.5, 0.7))
@@ -299,6 +369,14 @@ class LearnedRule(ExitRule):
     def decide(self, layer, signals, state):
         self.check_signals(signals)
         return signals.learned_score >= self.knob, state
+
+    @classmethod
+    def aggressiveness(cls, knob):
+        return -float(knob)
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        return None if learned_scores is None else learned_scores[:, : probs.shape[1] - 1]
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
@@ -322,6 +400,10 @@ class StaticRule(ExitRule):
         return exit_, state
 
     @classmethod
+    def aggressiveness(cls, knob):
+        return -float(knob)
+
+    @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[int]:
         return list(range(1, num_layers + 1))
 
@@ -339,6 +421,14 @@ class ConsistentEERule(ExitRule):
     def decide(self, layer, signals, state):
         self.check_signals(signals)
         return signals.policy_prob > self.knob, state
+
+    @classmethod
+    def aggressiveness(cls, knob):
+        return -float(knob)
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        return None if policy_probs is None else policy_probs[:, : probs.shape[1] - 1]
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:

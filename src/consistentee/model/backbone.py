@@ -21,7 +21,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-POOLING_METHODS = ("pooler", "cls", "mean")
+from consistentee.model.constants import POOLING_METHODS
+
+__all__ = ["POOLING_METHODS", "EncoderState", "LayerwiseBackbone", "register_backbone", "supported_model_types",
+           "wrap_backbone"]
 
 
 @dataclass
@@ -142,12 +145,19 @@ def register_backbone(cls: type[LayerwiseBackbone]) -> type[LayerwiseBackbone]:
     return cls
 
 
+def _load_families() -> None:
+    """The built-in families register themselves when their module is imported."""
+    import consistentee.model.families  # noqa: F401
+
+
 def supported_model_types() -> list[str]:
+    _load_families()
     return sorted(_FAMILIES)
 
 
 def wrap_backbone(model: PreTrainedModel) -> LayerwiseBackbone:
     """Wrap a loaded Hugging Face base model in the layer-wise interface of its family."""
+    _load_families()
     model_type = model.config.model_type
     if model_type not in _FAMILIES:
         raise ValueError(

@@ -2,31 +2,64 @@
 
 The policy of layer l outputs p_l = P(exit at l | pooled state); ConsistentEE trains it with
 reinforcement learning (METHOD.md sections 2-3). The last layer has no policy: exiting there is forced.
-Saved the Hugging Face way: ``config.json`` + ``model.safetensors`` (+ the tokenizer), never pickle.
+
+It is a ``transformers.PreTrainedModel`` registered with ``AutoModelForSequenceClassification`` (see
+:mod:`consistentee.model.auto`), saved the Hugging Face way: ``config.json`` (with the sha256 of the weights) +
+``model.safetensors`` (+ the tokenizer, ``operating_point.json`` and a model card ``README.md``). Weights are only
+ever read from safetensors, never pickle, and no remote code is needed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
 
+from consistentee.exits.rules import ExitRule, LayerSignals, make_rule
 from consistentee.model.backbone import EncoderState, LayerwiseBackbone
-from consistentee.model.configuration import CONFIDENCE_FEATURES, EarlyExitConfig, ModelFormatError
+from consistentee.model.configuration import EarlyExitConfig
+from consistentee.model.constants import (
+    CARD_NAME,
+    CONFIDENCE_FEATURES,
+    CONFIG_NAME,
+    PICKLE_NAMES,
+    POLICY_FEATURES,
+    WEIGHTS_NAME,
+    ModelFormatError,
+    ModelFormatWarning,
+)
 from consistentee.model.families import backbone_from_config, load_backbone
 from consistentee.resources import resolve_model_path
 from consistentee.utils.io import atomic_directory
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "EarlyExitForSequenceClassification", "MultiExitOutput",
+           "PolicyNetwork", "resolve_model_dir", "sentence_embedding_pooling", "sha256_file"]
+
+#: Threshold of the ConsistentEE policy when a folder with trained policies stores no operating point.
+DEFAULT_POLICY_THRESHOLD = 0.5
+#: ``from_pretrained`` keyword arguments of transformers that have no meaning here (safely ignored).
+_IGNORED_LOAD_KWARGS = frozenset({
+    "trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "code_revision", "proxies",
+    "_commit_hash", "low_cpu_mem_usage", "attn_implementation", "resume_download", "use_safetensors",
+    "subfolder", "key_mapping", "tp_plan", "gguf_file",
+})
+#: ``save_pretrained`` keyword arguments of transformers that have no meaning here (one safetensors file).
+_IGNORED_SAVE_KWARGS = frozenset({
+    "max_shard_size", "variant", "token", "save_peft_format", "save_original_format", "distributed_checkpoint",
+    "state_dict", "save_function",
+})
 
 
 class PolicyNetwork(nn.Module):
@@ -43,21 +76,42 @@ class PolicyNetwork(nn.Module):
 
 
 @dataclass
-class MultiExitOutput:
+class MultiExitOutput(ModelOutput):
+    """What ``forward`` returns; ``logits`` is what a transformers pipeline reads."""
+
+    #: mean over exits of the cross-entropy of every exit (only with ``labels``).
+    loss: torch.Tensor | None = None
+    #: [batch, num_labels] logits of the exit each row takes under the operating point.
+    logits: torch.Tensor | None = None
     #: [batch, num_layers, num_labels] logits of every exit.
-    exit_logits: torch.Tensor
+    exit_logits: torch.Tensor | None = None
     #: [batch, num_layers - 1] logits of the exit policies (sigmoid gives p_l).
-    policy_logits: torch.Tensor
+    policy_logits: torch.Tensor | None = None
+    #: [batch, num_layers - 1] p_l, the policies' exit probabilities (float32).
+    policy_probs: torch.Tensor | None = None
+    #: [batch] 1-based layer each row exits at under the operating point.
+    exit_layer: torch.Tensor | None = None
     #: [batch, num_layers, hidden] pooled state after every layer (only with ``return_pooled=True``).
     pooled: torch.Tensor | None = None
 
 
-class EarlyExitForSequenceClassification(nn.Module):
+class EarlyExitForSequenceClassification(PreTrainedModel):
+    """A layer-wise encoder with one exit classifier per layer and one exit policy per layer but the last.
+
+    ``forward`` computes every exit (full depth) and reports the exit the operating point takes; batched early
+    exit that skips the deeper layers is :class:`consistentee.inference.EarlyExitPredictor`. The operating point,
+    when ``forward`` gets no ``exit_rule``: the one in the folder's ``operating_point.json``; else the
+    ConsistentEE policy at threshold 0.5 when the policies were trained (``config.extra["policy_training"]``);
+    else full depth (untrained policies would exit at random).
+    """
+
+    config_class = EarlyExitConfig
+    main_input_name = "input_ids"
+
     def __init__(self, config: EarlyExitConfig, backbone: LayerwiseBackbone | None = None):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         if backbone is None:
-            backbone = backbone_from_config(_backbone_config(config))
+            backbone = backbone_from_config(config.backbone_config())
         self.backbone = backbone
         d, n = backbone.hidden_size, backbone.num_layers
         if config.pooling == "pooler" and not backbone.has_pooler:
@@ -68,7 +122,19 @@ class EarlyExitForSequenceClassification(nn.Module):
         for module in self.exits:  # like the backbone's own classification heads
             nn.init.normal_(module.weight, std=std)
             nn.init.zeros_(module.bias)
-        self.reset_policies(config.policy_features, config.policy_hidden_size)
+        #: the stored operating point (``operating_point.json``), set by ``from_pretrained``; None: see the class doc.
+        self.operating_point = None
+        #: whether stage 2/3 trained the policies (from ``config.extra`` or, for older run folders, progress.json).
+        self.policies_trained = bool(config.extra.get("policy_training"))
+        self._reset_policies(config.policy_features, config.policy_hidden_size)
+        self.post_init()
+
+    def init_weights(self) -> None:
+        """No-op: the backbone keeps its checkpoint's weights and the heads are initialised in ``__init__``
+        (transformers' default would re-initialise the wrapped backbone)."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op, see :meth:`init_weights`."""
 
     def reset_policies(self, features: str, hidden_size: int) -> None:
         """New, untrained policies reading ``features`` (a stage-2 choice: stage 1 never trains policies).
@@ -77,7 +143,14 @@ class EarlyExitForSequenceClassification(nn.Module):
         from the first step: a near-constant policy collapses to "always continue" under the strong negative
         rewards of hard inputs before it learns to tell inputs apart.
         """
-        self.config = replace(self.config, policy_features=features, policy_hidden_size=hidden_size)
+        self._reset_policies(features, hidden_size)
+        self.config.extra.pop("policy_training", None)
+        self.policies_trained = False
+
+    def _reset_policies(self, features: str, hidden_size: int) -> None:
+        if features not in POLICY_FEATURES:
+            raise ModelFormatError(f"unknown policy features {features!r}; choose one of {', '.join(POLICY_FEATURES)}")
+        self.config.policy_features, self.config.policy_hidden_size = features, hidden_size
         inputs = {"state": self.backbone.hidden_size, "state+confidence": self.backbone.hidden_size + CONFIDENCE_FEATURES,
                   "confidence": CONFIDENCE_FEATURES}[features]
         device = self.exits[0].weight.device
@@ -164,8 +237,46 @@ class EarlyExitForSequenceClassification(nn.Module):
             entropy = torch.special.entr(probs).sum(-1) / math.log(probs.shape[-1])
             return torch.stack([top2[:, 0], entropy, top2[:, 0] - top2[:, 1]], dim=-1).to(pooled.dtype)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, return_pooled: bool = False) -> MultiExitOutput:
-        """Every exit and every policy, at full depth (training and table-building)."""
+    def exit_rule(self, rule: str | ExitRule | None = None, knob: Any = None) -> ExitRule:
+        """The rule ``forward`` applies: ``rule``/``knob`` when given, else the model's operating point (see the
+        class docstring); full depth is the ``static`` rule at the last layer."""
+        if isinstance(rule, ExitRule):
+            return rule
+        if rule is not None:
+            return make_rule(rule, knob)
+        if self.operating_point is not None:
+            return make_rule(self.operating_point.rule, self.operating_point.rule_knob())
+        if self.policies_trained:
+            return make_rule("consistentee", DEFAULT_POLICY_THRESHOLD)
+        return make_rule("static", self.num_layers)
+
+    def describe_operating_point(self) -> str:
+        """One line saying which exit rule ``forward`` applies by default and why."""
+        if self.operating_point is not None:
+            return f"stored operating point: {self.operating_point.describe()}"
+        if self.policies_trained:
+            return f"ConsistentEE policy at threshold {DEFAULT_POLICY_THRESHOLD:g} (trained policies, no stored operating point)"
+        return "full depth (the policies were not trained and no operating point is stored)"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_pooled: bool = False,
+        exit_rule: str | ExitRule | None = None,
+        exit_knob: Any = None,
+        return_dict: bool | None = None,
+    ) -> MultiExitOutput | tuple:
+        """Every exit and every policy at full depth, plus the exit the operating point takes.
+
+        ``labels`` [B]: ``loss`` is the mean over exits of each exit's mean cross-entropy (stage 1's objective
+        without its layer weights). ``logits``/``exit_layer`` follow :meth:`exit_rule` (``exit_rule`` and
+        ``exit_knob`` override the operating point); computing them costs a few small ops, no sync.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         state = self.embed(input_ids, attention_mask, token_type_ids)
         logits, policies, pooled_states = [], [], []
         for i in range(self.num_layers):
@@ -175,62 +286,252 @@ class EarlyExitForSequenceClassification(nn.Module):
             logits.append(self.exit_logits(i, pooled))
             if i < self.num_layers - 1:
                 policies.append(self.policy_logits(i, pooled))
+        exit_logits = torch.stack(logits, dim=1)
         policy_logits = torch.stack(policies, dim=1) if policies else logits[0].new_zeros(len(logits[0]), 0)
-        return MultiExitOutput(
-            exit_logits=torch.stack(logits, dim=1),
+        policy_probs = policy_logits.float().sigmoid()
+        loss = None
+        if labels is not None:
+            labels = labels.to(exit_logits.device).long()
+            flat = exit_logits.float().flatten(0, 1)
+            loss = F.cross_entropy(flat, labels.repeat_interleave(self.num_layers))
+        exit_layer = self._exit_layers(exit_logits, policy_probs, labels, exit_rule, exit_knob)
+        chosen = exit_logits[torch.arange(len(exit_layer), device=exit_logits.device), exit_layer - 1]
+        out = MultiExitOutput(
+            loss=loss,
+            logits=chosen,
+            exit_logits=exit_logits,
             policy_logits=policy_logits,
+            policy_probs=policy_probs,
+            exit_layer=exit_layer,
             pooled=torch.stack(pooled_states, dim=1) if return_pooled else None,
         )
+        return out.to_tuple() if return_dict is False else out
+
+    def _exit_layers(self, exit_logits, policy_probs, labels, rule, knob) -> torch.Tensor:
+        """1-based exit layer per row under the rule: ``simulate_exits``' semantics without its gathers.
+
+        Rules decide row by row (their state is per row), so showing every row every layer and keeping each
+        row's first exit gives what the engine and ``simulate_exits`` give, with no device-to-host sync.
+        """
+        explicit = rule is not None
+        rule = self.exit_rule(rule, knob)
+        if "learned_score" in rule.needs:
+            message = (f"rule {rule.name!r} needs learned exit heads, which the model does not hold; use "
+                       "consistentee.inference.EarlyExitPredictor with learned_heads_dir")
+            if explicit:
+                raise ValueError(message)
+            if not getattr(self, "_warned_learned", False):
+                warnings.warn(ModelFormatWarning(f"the stored operating point: {message}; forward reports full "
+                                                 "depth instead"), stacklevel=3)
+                self._warned_learned = True
+            rule = make_rule("static", self.num_layers)
+        if "labels" in rule.needs and labels is None:
+            raise ValueError(f"rule {rule.name!r} needs the gold labels: pass labels")
+        n, num_layers = exit_logits.shape[:2]
+        device = exit_logits.device
+        exit_layer = torch.full((n,), num_layers, dtype=torch.long, device=device)
+        with torch.no_grad():
+            probs = exit_logits.detach().float().softmax(-1)
+            exited = torch.zeros(n, dtype=torch.bool, device=device)
+            state = rule.init_state(n, device)
+            for layer in range(1, num_layers):
+                signals = LayerSignals(
+                    probs=probs[:, layer - 1],
+                    policy_prob=policy_probs[:, layer - 1].detach() if "policy_prob" in rule.needs else None,
+                    labels=labels if "labels" in rule.needs else None,
+                )
+                decision, state = rule.decide(layer, signals, state)
+                first = decision.to(torch.bool) & ~exited
+                exit_layer = torch.where(first, torch.full_like(exit_layer, layer), exit_layer)
+                exited |= first
+        return exit_layer
 
     # -- saving and loading -------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> None:
-        """Write config.json, model.safetensors (and the tokenizer) as one atomic directory swap."""
-        with atomic_directory(directory) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        tokenizer=None,
+        *,
+        is_main_process: bool = True,
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Write config.json (with the weights' sha256), model.safetensors, the operating point, the tokenizer
+        (when given) and a model card README.md, as one atomic directory swap.
+
+        Takes the keyword arguments transformers passes (``push_to_hub()`` calls this), ignoring sharding: the
+        weights are always one safetensors file. To publish with the tokenizer and this model card, save here
+        and upload the folder (``huggingface_hub.upload_folder``); the inherited ``push_to_hub`` uploads the
+        weights and config only and writes the hub's own model card.
+        """
+        if not safe_serialization:
+            raise ValueError("consistentee saves weights only as safetensors (pickle can run arbitrary code)")
+        if push_to_hub:
+            raise ValueError("use model.push_to_hub(repo_id) or upload the saved folder with huggingface_hub")
+        unknown = sorted(set(kwargs) - _IGNORED_SAVE_KWARGS)
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if not is_main_process:
+            return
+        from consistentee.model.card import model_card
+
+        self.config.validate_settings()
+        with atomic_directory(save_directory) as tmp:
             save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            data = self.config.to_dict()
+            if self.policies_trained and not data["extra"].get("policy_training"):
+                # known from an older run folder's progress.json: say it in the folder itself from now on
+                data["extra"] = {**data["extra"], "policy_training": {"source": "progress.json of the run"}}
+            data["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            if self.operating_point is not None:
+                from consistentee.inference.operating_point import save_operating_point
+
+                save_operating_point(tmp, self.operating_point)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            (tmp / CARD_NAME).write_text(model_card(self, with_tokenizer=tokenizer is not None), encoding="utf-8")
 
     @classmethod
     def from_pretrained(
         cls,
-        name_or_path: str | os.PathLike,
-        *,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: EarlyExitConfig | None = None,
         revision: str | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: Any = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        **kwargs: Any,
     ) -> EarlyExitForSequenceClassification:
-        """Load from a local directory or a Hugging Face hub repository id."""
-        directory = resolve_model_dir(name_or_path, revision=revision)
+        """Load from a local directory or a Hugging Face hub repository id (safetensors only, checksum checked).
+
+        Also the entry point of ``AutoModelForSequenceClassification.from_pretrained`` and ``pipeline``:
+        ``device_map`` may name one device; transformers' loading options without meaning here are ignored.
+        """
+        if model_args:
+            raise TypeError("from_pretrained() takes no positional model arguments")
+        unknown = sorted(set(kwargs) - _IGNORED_LOAD_KWARGS)
+        if unknown:
+            raise TypeError(f"from_pretrained() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("consistentee loads weights only from safetensors (pickle can run arbitrary code)")
+        if kwargs.get("subfolder"):
+            raise ValueError("subfolder is not supported: pass the model directory itself")
+        target = _load_device(device, device_map)
+        directory = resolve_model_dir(pretrained_model_name_or_path, revision=revision, token=token,
+                                      cache_dir=cache_dir, local_files_only=local_files_only,
+                                      force_download=force_download)
         config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise ModelFormatError(f"{directory} has no {CONFIG_NAME}: not a consistentee model directory")
-        try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelFormatError(f"{config_path} is not valid JSON ({exc})") from None
-        config = EarlyExitConfig.from_dict(data, source=str(config_path))
-        weights = directory / WEIGHTS_NAME
-        if not weights.is_file():
-            pickled = [name for name in PICKLE_NAMES if (directory / name).exists()]
-            if pickled:
-                raise ModelFormatError(
-                    f"{directory / pickled[0]} is a pickle file; consistentee loads weights only from safetensors "
-                    "(pickle can run arbitrary code). Convert it with safetensors first."
-                )
-            raise ModelFormatError(f"{directory} has no {WEIGHTS_NAME}")
-        model = cls(config)
-        try:
-            missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-        except Exception as exc:  # safetensors raises several types for corrupt files and shape mismatches
-            raise ModelFormatError(f"cannot load {weights}: {str(exc).splitlines()[0]}") from None
-        if missing or unexpected:
+        raw = _read_config(directory)
+        if not isinstance(config, EarlyExitConfig):
+            config = EarlyExitConfig.from_dict(raw, source=str(config_path))
+        config._name_or_path = str(pretrained_model_name_or_path)
+        model = cls(config, backbone_from_config(config.backbone_config(str(config_path))))
+        _load_weights(model, directory, raw, target)
+        from consistentee.inference.operating_point import load_operating_point
+
+        model.operating_point = load_operating_point(directory)
+        model.policies_trained = model.policies_trained or _finished_policy_run(directory)
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            resolved = getattr(torch, dtype, None)
+            if not isinstance(resolved, torch.dtype):
+                raise ValueError(f"unknown dtype {dtype!r}")
+            dtype = resolved
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
+        return model.to(target).eval()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (recorded in config.json at save, checked at load)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _load_device(device: Any, device_map: Any) -> torch.device:
+    """One device from ``device`` or a transformers-style ``device_map`` ("auto", "cpu", "cuda:0", 0)."""
+    if device is None and device_map is not None:
+        if isinstance(device_map, dict):
+            places = set(device_map.values())
+            if len(places) != 1:
+                raise ValueError("device_map must place the whole model on one device")
+            device_map = places.pop()
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{device_map}" if isinstance(device_map, int) else device_map
+    return torch.device(device if device is not None else "cpu")
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelFormatError(f"{directory} has no {CONFIG_NAME}: not a consistentee model directory")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_weights(model: EarlyExitForSequenceClassification, directory: Path, raw: dict[str, Any],
+                  device: torch.device) -> None:
+    """Load model.safetensors into ``model``: structure, then checksum, then finiteness, each a clear error."""
+    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    if not weights.is_file():
+        pickled = [name for name in PICKLE_NAMES if (directory / name).exists()]
+        if pickled:
             raise ModelFormatError(
-                f"{weights} does not match {config_path}: "
-                f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {sorted(unexpected)[:3]})"
+                f"{directory / pickled[0]} is a pickle file; consistentee loads weights only from safetensors "
+                "(pickle can run arbitrary code). Convert it with safetensors first."
             )
-        return model.to(device).eval()
+        raise ModelFormatError(f"{directory} has no {WEIGHTS_NAME}")
+    recorded = raw.get("weights_sha256")
+    if recorded is not None and not (isinstance(recorded, str) and len(recorded) == 64
+                                     and all(c in "0123456789abcdef" for c in recorded)):
+        raise ModelFormatError(f"{config_path}: field 'weights_sha256' must be a hex sha256, got {recorded!r}")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as exc:  # safetensors raises several types for corrupt files and shape mismatches
+        raise ModelFormatError(f"cannot load {weights}: {str(exc).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{weights} does not match {config_path}: "
+            f"{len(missing)} missing (e.g. {sorted(missing)[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {sorted(unexpected)[:3]})"
+        )
+    if recorded is not None:
+        actual = sha256_file(weights)
+        if actual != recorded:
+            raise ModelFormatError(
+                f"{weights} is corrupted: its sha256 {actual[:16]}... differs from {recorded[:16]}... recorded in "
+                f"{config_path} when it was saved; download or save the model again"
+            )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFormatError(f"{weights}: tensor {name!r} holds NaN or infinite values; the file is corrupted "
+                                   "or was saved from a diverged model")
+
+
+def _finished_policy_run(directory: Path) -> bool:
+    """A folder from before ``extra["policy_training"]``: its run's ``progress.json`` says the policies finished."""
+    progress = directory.parent / "progress.json"
+    if directory.name != "model" or not progress.is_file():
+        return False
+    try:
+        return bool(json.loads(progress.read_text(encoding="utf-8")).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def sentence_embedding_pooling(directory: str | os.PathLike) -> str | None:
@@ -249,16 +550,16 @@ def sentence_embedding_pooling(directory: str | os.PathLike) -> str | None:
     return None
 
 
-def _backbone_config(config: EarlyExitConfig):
-    data = dict(config.backbone)
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise ModelFormatError("the saved backbone config has no model_type")
-    return AutoConfig.for_model(model_type, **data)
-
-
-def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub repository downloaded (safetensors and JSON only)."""
+def resolve_model_dir(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> Path:
+    """A local directory as is; otherwise a hub repository downloaded (safetensors, JSON and tokenizer files)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -274,6 +575,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
             snapshot_download(
                 text,
                 revision=revision,
+                token=token,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                force_download=force_download,
                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"],
             )
         )
@@ -281,3 +586,12 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         raise ModelFormatError(
             f"{text!r} is neither a local directory nor a reachable hub repository ({type(exc).__name__})"
         ) from None
+
+
+def _register() -> None:
+    from consistentee.model.auto import register_auto_classes
+
+    register_auto_classes(EarlyExitForSequenceClassification)
+
+
+_register()

@@ -1,5 +1,17 @@
-"""HTTP serving of early-exit prediction (FastAPI + uvicorn) with dynamic micro-batching."""
+"""HTTP serving of early-exit prediction (FastAPI + uvicorn) with dynamic micro-batching.
 
-from consistentee.serving.app import MicroBatcher, RequestError, ServerConfig, create_app, parse_request
+:class:`ServerConfig` is importable without FastAPI; the rest is imported on first use."""
 
-__all__ = ["MicroBatcher", "RequestError", "ServerConfig", "create_app", "parse_request"]
+from consistentee.serving.config import API_KEY_ENV, ServerConfig
+
+__all__ = ["API_KEY_ENV", "MicroBatcher", "RequestError", "ServerConfig", "create_app", "parse_request"]
+
+_APP = ("MicroBatcher", "RequestError", "create_app", "parse_request")
+
+
+def __getattr__(name: str):
+    if name in _APP:
+        from consistentee.serving import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,53 +14,44 @@ takes the first queued request, keeps collecting until ``max_batch_size`` texts 
 have passed, and runs them as one engine call in a worker thread (the event loop stays responsive).
 Shutdown stops accepting connections, answers every request already received, then stops the worker.
 
-Errors are JSON ``{"error": "..."}``: 400 bad JSON, 413 body too large, 422 invalid request (empty or
-too long text, too many items, wrong types), 503 overloaded or shutting down, 504 timed out.
+Errors are JSON ``{"error": "..."}``: 400 bad JSON (also invalid Unicode such as a lone surrogate, and
+nesting deeper than ``max_json_depth``), 401 missing or wrong bearer token (when an API key is set), 408 body
+not received within ``body_timeout_s`` (the connection is closed), 413 body too large, 422 invalid request
+(empty or too long text, too many items, wrong types), 503 overloaded or shutting down, 504 timed out.
+A client that disconnects before its answer is counted as status 499 and in
+``consistentee_client_disconnects_total``, never as a server error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.requests import ClientDisconnect
 
+from consistentee.serving.config import ServerConfig
 from consistentee.serving.metrics import CONTENT_TYPE, ServerMetrics
 
-__all__ = ["MicroBatcher", "RequestError", "ServerConfig", "create_app", "parse_request"]
+__all__ = ["MicroBatcher", "RequestError", "ServerConfig", "create_app", "json_depth", "parse_request",
+           "uvicorn_options"]
 
 KNOWN_PATHS = ("/predict", "/health", "/metrics")
+#: Status recorded for a request whose client went away first (nginx's convention; never sent).
+CLIENT_CLOSED = 499
+#: Paths open without the API key: load balancers probe /health.
+OPEN_PATHS = ("/health",)
 
-
-@dataclass
-class ServerConfig:
-    """Limits and batching settings of the server (all configurable from ``consistentee serve``)."""
-
-    max_batch_size: int = field(default=32, metadata={"help": "most texts per engine call"})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "longest a request waits for others to batch with"})
-    max_body_bytes: int = field(default=1_000_000, metadata={"help": "largest request body accepted (bytes)"})
-    max_items: int = field(default=64, metadata={"help": "most texts in one request"})
-    max_text_chars: int = field(default=10_000, metadata={"help": "longest text accepted (characters)"})
-    request_timeout_s: float = field(default=30.0, metadata={"help": "a request not answered by then gets 504"})
-    max_queue_items: int = field(default=10_000, metadata={"help": "texts waiting beyond this get 503"})
-    truncation: bool = field(default=False, metadata={
-        "help": "truncate texts longer than the model's max length instead of rejecting them (422)"})
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_body_bytes", "max_items", "max_text_chars", "max_queue_items"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms!r}")
-        if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 class RequestError(Exception):
@@ -96,14 +87,37 @@ def _check_string(value: Any, where: str, max_chars: int) -> None:
         raise RequestError(422, f"'{where}' is empty")
     if len(value) > max_chars:
         raise RequestError(422, f"'{where}' is too long: {len(value)} characters, at most {max_chars}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escape decodes to a lone surrogate: not text
+        raise RequestError(400, f"'{where}' is not valid Unicode (lone surrogate at character {exc.start})") from None
+
+
+def json_depth(text: str) -> int:
+    """Deepest nesting of arrays and objects in a JSON text (strings skipped), without parsing it: the parser
+    itself recurses, and 100,000 nested brackets would exhaust its stack."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def parse_request(body: bytes, config: ServerConfig) -> list:
     """Validate a /predict body; returns texts or (text, pair) tuples. Raises RequestError."""
     try:
-        payload = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError(400, "request body is not UTF-8") from None
+    if (depth := json_depth(text)) > config.max_json_depth:
+        raise RequestError(400, f"request body is nested {depth} levels deep, at most {config.max_json_depth}")
+    try:
+        payload = json.loads(text)
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise RequestError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
                            ) from None
@@ -258,7 +272,11 @@ class MicroBatcher:
                 job.future.set_result(part)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+class _ClientGone(Exception):
+    """The client disconnected before its answer."""
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -268,17 +286,44 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise RequestError(413, f"request body too large: {size} bytes, at most {limit}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise RequestError(413, f"request body too large: more than {limit} bytes")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal total
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise RequestError(413, f"request body too large: more than {limit} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        raise RequestError(408, f"request body not received within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise _ClientGone from None
     return b"".join(chunks)
 
 
-def create_app(predictor, config: ServerConfig | None = None, *, model_name: str | None = None) -> FastAPI:
-    """The FastAPI application around an :class:`~consistentee.inference.EarlyExitPredictor`."""
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """Settings the server needs from uvicorn itself: the connection cap (503 beyond it). uvicorn counts the
+    connection asking, so ``max_connections`` connections are served with a limit of one more."""
+    return {"limit_concurrency": config.max_connections + 1}
+
+
+def _authorized(request: Request, api_key: str) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def create_app(predictor, config: ServerConfig | None = None, *, model_name: str | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI application around an :class:`~consistentee.inference.EarlyExitPredictor`.
+
+    ``api_key``: when set, every path but /health needs ``Authorization: Bearer <api_key>`` (401 otherwise)."""
     config = config or ServerConfig()
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty")
     metrics = ServerMetrics(predictor.num_layers)
     batcher = MicroBatcher(predictor, config, metrics)
     state = {"draining": False}
@@ -298,6 +343,7 @@ def create_app(predictor, config: ServerConfig | None = None, *, model_name: str
     app.state.batcher = batcher
     app.state.config = config
     app.state.predictor = predictor
+    app.state.auth = "bearer" if api_key is not None else "none"
 
     @app.middleware("http")
     async def record(request: Request, call_next):
@@ -305,10 +351,20 @@ def create_app(predictor, config: ServerConfig | None = None, *, model_name: str
         metrics.in_flight.add(1)
         status = 500
         try:
-            response = await call_next(request)
+            if api_key is not None and request.url.path not in OPEN_PATHS and not _authorized(request, api_key):
+                status = 401
+                return JSONResponse({"error": "missing or wrong API key: send 'Authorization: Bearer <key>'"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            try:
+                response = await call_next(request)
+            except (ClientDisconnect, _ClientGone):
+                status = CLIENT_CLOSED
+                raise
             status = response.status_code
             return response
         finally:
+            if status == CLIENT_CLOSED:
+                metrics.client_disconnects.inc()
             metrics.in_flight.add(-1)
             path = request.url.path if request.url.path in KNOWN_PATHS else "other"
             metrics.requests.inc(path=path, status=str(status))
@@ -320,7 +376,7 @@ def create_app(predictor, config: ServerConfig | None = None, *, model_name: str
         try:
             if state["draining"] or not batcher.running:
                 raise RequestError(503, "the server is shutting down")
-            body = await _read_body(request, config.max_body_bytes)
+            body = await _read_body(request, config.max_body_bytes, config.body_timeout_s)
             items = parse_request(body, config)
             try:
                 features = predictor.encode(items, truncation=config.truncation)
@@ -331,8 +387,15 @@ def create_app(predictor, config: ServerConfig | None = None, *, model_name: str
             except TimeoutError:
                 raise RequestError(504, f"no answer within {config.request_timeout_s:g} s; retry later") from None
         except RequestError as exc:
-            return _error(exc.status, exc.message)
+            response = _error(exc.status, exc.message)
+            if exc.status == 408:  # the rest of the body may never come: don't wait for it on this connection
+                response.headers["connection"] = "close"
+            return response
+        except _ClientGone:
+            return _error(CLIENT_CLOSED, "client disconnected")
         except Exception as exc:  # never leak a traceback to the client
+            if await request.is_disconnected():
+                return _error(CLIENT_CLOSED, "client disconnected")
             return _error(500, f"internal error: {type(exc).__name__}")
         return {"predictions": results}
 
@@ -346,6 +409,7 @@ def create_app(predictor, config: ServerConfig | None = None, *, model_name: str
             "labels": list(predictor.label_names),
             "queued_items": batcher.queued_items,
             "limits": asdict(config),
+            "auth": "bearer" if api_key is not None else "none",
         }
         return JSONResponse(body, status_code=503 if state["draining"] else 200)
 

@@ -144,7 +144,10 @@ class ServerMetrics:
 
     def __init__(self, num_layers: int):
         p = "consistentee"
-        self.requests = Counter(f"{p}_requests_total", "HTTP requests by path and status code.", ("path", "status"))
+        self.requests = Counter(f"{p}_requests_total", "HTTP requests by path and status code (499: the client "
+                                "disconnected first).", ("path", "status"))
+        self.client_disconnects = Counter(f"{p}_client_disconnects_total",
+                                          "Requests whose client disconnected before the answer (not server errors).")
         self.latency = Histogram(f"{p}_request_latency_seconds", "Time from request received to response sent.",
                                  LATENCY_BUCKETS)
         self.exit_layer = Histogram(f"{p}_exit_layer", "Layer (1-based) each prediction exited at.",
@@ -159,7 +162,7 @@ class ServerMetrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.latency, self.exit_layer, self.predictions, self.batches,
+        for metric in (self.requests, self.client_disconnects, self.latency, self.exit_layer, self.predictions, self.batches,
                        self.engine_calls, self.batch_items, self.batch_seconds, self.queue_items, self.in_flight):
             lines += metric.render()
         return "\n".join(lines) + "\n"

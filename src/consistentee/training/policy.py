@@ -153,6 +153,19 @@ def policy_model_dir(run_dir: str | Path, beta: float) -> Path:
     return beta_dir(run_dir, beta) / "model"
 
 
+def policies_trained(model_dir: str | Path, config=None) -> bool:
+    """Whether the model folder's policies were trained by stages 2/3 (recorded in its config since this
+    version; older folders inside a run directory are recognised by their finished ``progress.json``)."""
+    extra = getattr(config, "extra", None) or {}
+    if extra.get("policy_training"):
+        return True
+    progress = Path(model_dir).parent / "progress.json"
+    try:
+        return progress.is_file() and bool(read_json(progress).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def policy_complete(run_dir: str | Path, beta: float) -> bool:
     """Whether every stage of ``beta`` finished (an interrupted run also leaves a model/ behind)."""
     path = beta_dir(run_dir, beta) / "progress.json"
@@ -261,6 +274,8 @@ def train_policy(
         if accelerator.is_main_process:  # the others wait below
             dev = evaluate_policy(model, data, "dev", batch_size=cfg.eval_batch_size)
             state["dev"][unit] = dev
+            # the saved folder says its policies were trained (readers pick rules and defaults from it)
+            model.config.extra["policy_training"] = {"beta": cfg.beta, "completed": list(state["completed"])}
             model.save_pretrained(model_dir, tokenizer=_tokenizer(run_dir))
             write_json(progress_path, state)
             remove_checkpoint(ckpt_dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from consistentee.model.configuration import MODEL_KIND
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.resources import DEFAULT_MODEL, resolve_model_path
 from consistentee.training import memorized
-from consistentee.training.stage1 import Stage1Config, stage1_complete, train_stage1
+from consistentee.training.stage1 import NonFiniteLossError, Stage1Config, stage1_complete, train_stage1
 from consistentee.utils.io import read_json, write_json
 from consistentee.utils.runtime import resolve_device
 
@@ -60,7 +61,9 @@ class DataConfig:
     id_column: str | None = field(default=None, metadata={"help": "column with stable example ids (else row numbers)"})
     dev_file: str | None = field(default=None, metadata={"help": "separate dev file (else carved from the data)"})
     test_file: str | None = field(default=None, metadata={"help": "separate test file (else carved from the data)"})
-    max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "tokens per example after truncation (none: the 95th percentile of the training texts' token "
+                "lengths, capped at the model's limit; the value used is logged and kept in run.json)"})
     max_train_examples: int | None = field(default=None, metadata={"help": "use a seeded subset of the train split"})
     max_eval_examples: int | None = field(default=None, metadata={"help": "use a seeded subset of dev and test"})
     data_seed: int = field(default=0, metadata={"help": "seed of the dev/test carving and of subsets"})
@@ -69,8 +72,9 @@ class DataConfig:
                 "policies learn from exits that did not memorize their inputs (0: one shared train split)"})
 
     def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length < 2):
+            raise ValueError(f"max_length must be >= 2, got {self.max_length!r}")
         if not 0.0 <= self.policy_holdout < 1.0:
             raise ValueError(f"policy_holdout must be in [0, 1), got {self.policy_holdout}")
         for name in ("max_train_examples", "max_eval_examples"):
@@ -109,6 +113,46 @@ class PreparedData:
     labels: LabelList
     encoded: dict[str, EncodedSplit]
     collate: DataCollator
+    #: the max_length used (chosen from the data when the config left it to ``None``).
+    max_length: int | None = None
+    #: how max_length was chosen, for the log (None when the config gave it).
+    max_length_note: str | None = None
+
+
+#: Percentile of the training texts' token lengths that an automatic max_length covers.
+AUTO_MAX_LENGTH_PERCENTILE = 95
+#: Texts measured for the automatic max_length (a seeded sample beyond that).
+AUTO_MAX_LENGTH_SAMPLE = 20_000
+
+
+def model_token_limit(tokenizer) -> int | None:
+    """The most tokens the model takes, from the tokenizer (None when it does not say)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def auto_max_length(split, tokenizer, seed: int = 0) -> tuple[int, str]:
+    """(max_length, a note): the 95th percentile of the split's token lengths, capped at the model's limit.
+
+    A fixed 64 cut every text of a long-document set to 64 tokens; a limit from the data keeps most texts whole
+    and still bounds the few longest."""
+    indices = list(range(len(split)))
+    if len(indices) > AUTO_MAX_LENGTH_SAMPLE:
+        indices = sorted(seeded_order(split.ids, seed)[:AUTO_MAX_LENGTH_SAMPLE])
+    texts = [split.texts[i] for i in indices]
+    pairs = [split.text_pairs[i] for i in indices] if split.text_pairs is not None else None
+    encoded = tokenizer(texts, pairs, truncation=False, padding=False, verbose=False)["input_ids"]
+    lengths = sorted(len(row) for row in encoded)
+    rank = max(0, -(-AUTO_MAX_LENGTH_PERCENTILE * len(lengths) // 100) - 1)
+    value = max(lengths[rank] if lengths else 2, 2)
+    limit = model_token_limit(tokenizer)
+    capped = limit is not None and value > limit
+    if capped:
+        value = limit
+    note = (f"max_length {value}: the {AUTO_MAX_LENGTH_PERCENTILE}th percentile of the training texts' token "
+            f"lengths{f', capped at the model limit {limit}' if capped else ''} (longest {lengths[-1] if lengths else 0}; "
+            "set --max-length to choose)")
+    return value, note
 
 
 def load_data(cfg: DataConfig) -> DatasetSplits:
@@ -155,16 +199,20 @@ def train_subset(data: PreparedData, rows: list[int]):
 
 
 def prepare_data(cfg: DataConfig, tokenizer, labels: LabelList | None = None) -> PreparedData:
-    """Load, cut and tokenise; ``labels`` (a saved label list) fixes the ids when given."""
+    """Load, cut and tokenise; ``labels`` (a saved label list) fixes the ids when given. ``cfg.max_length``
+    None: chosen from the training texts (:func:`auto_max_length`)."""
     splits = load_data(cfg)
     labels = labels or splits.labels
+    max_length, note = cfg.max_length, None
+    if max_length is None:
+        max_length, note = auto_max_length(splits.train, tokenizer, cfg.data_seed)
     encoded = {}
     for name, split in splits:
         try:
-            encoded[name] = encode_split(split, tokenizer, labels, cfg.max_length, name=f"{name} split")
+            encoded[name] = encode_split(split, tokenizer, labels, max_length, name=f"{name} split")
         except UnknownLabelError as exc:
             raise UnknownLabelError(f"{name} split of {cfg.dataset}: {exc}") from None
-    return PreparedData(splits, labels, encoded, DataCollator(tokenizer.pad_token_id))
+    return PreparedData(splits, labels, encoded, DataCollator(tokenizer.pad_token_id), max_length, note)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -228,6 +276,39 @@ def load_run_settings(run_dir: str | Path) -> tuple[DataConfig, ModelConfig]:
     return DataConfig(**data["data"]), ModelConfig(**data["model"])
 
 
+#: Stage-1 settings that may change between a run and its resumption without changing what is trained.
+_RESUMABLE_STAGE1 = {"checkpoint_every", "eval_batch_size", "mixed_precision"}
+
+
+def _differences(saved: dict, asked: dict, part: str, skip: set[str] = frozenset()) -> list[str]:
+    return [f"{part}.{key}: run {saved[key]!r}, asked {value!r}" for key, value in asked.items()
+            if key not in skip and key in saved and saved[key] != value]
+
+
+def check_same_settings(run_dir: Path, data_cfg: DataConfig, model_cfg: ModelConfig, cfg: Stage1Config) -> None:
+    """Refuse to reuse or resume a run directory trained with other data, model or stage-1 settings.
+
+    Without this, ``stage1 --run-dir RUN --dataset other`` on a finished run reused its model without a word."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        saved = read_json(path)
+        differ = (_differences(saved["data"], asdict(data_cfg), "data")
+                  + _differences(saved["model"], asdict(model_cfg), "model"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is damaged (not the JSON a run writes); use another --run-dir") from None
+    metrics = run_dir / "stage1" / "metrics.json"
+    if stage1_complete(run_dir / "stage1"):  # a finished stage would be reused as is
+        try:
+            differ += _differences(read_json(metrics).get("config") or {}, asdict(cfg), "stage1", _RESUMABLE_STAGE1)
+        except (ValueError, AttributeError):
+            pass  # a damaged metrics file: the resume logic reports it
+    if differ:
+        raise ValueError(f"{run_dir} was trained with other settings ({'; '.join(differ)}); use another --run-dir, "
+                         f"or delete {run_dir} to start over")
+
+
 def stage1_model_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "stage1" / "model"
 
@@ -244,12 +325,21 @@ def run_stage1(
 ) -> EarlyExitForSequenceClassification:
     """Stage 1 into ``run_dir/stage1``; a finished stage is loaded, an interrupted one resumed."""
     run_dir = Path(run_dir)
+    if data_cfg.max_length is None and (run_dir / RUN_FILE).is_file():
+        try:  # an automatic max_length means the one this run chose (in place: callers compare settings later)
+            data_cfg.max_length = read_json(run_dir / RUN_FILE)["data"]["max_length"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    check_same_settings(run_dir, data_cfg, model_cfg, cfg)
     if stage1_complete(run_dir / "stage1"):
         log(f"stage 1 already complete in {run_dir / 'stage1'}; loading it")
         return EarlyExitForSequenceClassification.from_pretrained(stage1_model_dir(run_dir))
     # Everything is loaded and checked before anything is written: bad input leaves no run directory behind.
     tokenizer = load_tokenizer(model_cfg.model, model_cfg.trust_remote_code)
     data = prepare_data(data_cfg, tokenizer)
+    if data.max_length_note:
+        log(data.max_length_note)
+        data_cfg.max_length = data.max_length  # in place: run.json and the caller's settings hold the value used
     torch.manual_seed(cfg.seed)
     try:
         model = EarlyExitForSequenceClassification.from_backbone(
@@ -263,6 +353,7 @@ def run_stage1(
     except (OSError, TypeError) as exc:
         raise _model_error(model_cfg.model, exc) from None
     main = _is_main_process()
+    created = not run_dir.exists()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_run_settings(run_dir, data_cfg, model_cfg)
@@ -275,8 +366,13 @@ def run_stage1(
     if held_out:
         log(f"stage 1 trains on {len(stage1_rows)} examples; {held_out} are held out for the policy stages")
     train_set = train_subset(data, stage1_rows)
-    train_stage1(model, tokenizer, train_set, data.encoded["dev"], data.collate, cfg,
-                 run_dir / "stage1", device=device, progress=progress)
+    try:
+        train_stage1(model, tokenizer, train_set, data.encoded["dev"], data.collate, cfg,
+                     run_dir / "stage1", device=device, progress=progress)
+    except NonFiniteLossError:
+        if main and created and not (run_dir / "stage1" / "checkpoint").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+        raise
     return model
 
 

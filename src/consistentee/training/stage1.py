@@ -68,12 +68,22 @@ class Stage1Config:
         for name in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.head_learning_rate <= 0:
-            raise ValueError("learning rates must be > 0")
+        for name in ("learning_rate", "head_learning_rate"):  # NaN passes "<= 0": ask for what is valid
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite: training stops before anything more is saved."""
 
 
 @dataclass
@@ -281,6 +291,14 @@ def train_stage1(
                 example_weights = torch.tensor(shard.weights, device=accelerator.device)
                 out = prepared(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 loss = multi_exit_loss(out.exit_logits, batch["labels"], phase.exit_weights, example_weights)
+                finite = torch.isfinite(loss.detach()).float()
+                if accelerator.num_processes > 1:
+                    finite = accelerator.reduce(finite, reduction="mean")  # every process stops together
+                if finite.item() < 1:
+                    raise NonFiniteLossError(
+                        f"stage 1 [{phase.name}] epoch {epoch + 1} step {step + 1}: the loss is not finite "
+                        f"({loss.item()}); stopped without saving the model (lower --learning-rate / "
+                        f"--head-learning-rate, or check the data); the last checkpoint, if any, is kept")
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()

@@ -1,0 +1,235 @@
+"""Risk-controlled operating points: the fastest knob whose accuracy loss against full depth stays within a
+budget with probability at least ``1 - delta`` (Learn-then-Test, :mod:`~consistentee.evaluation.risk`).
+
+Everything here reads per-row outcomes of simulated operating points (:class:`Outcomes`: exit layer, whether
+the prediction is right, whether it agrees with full depth), so calibrating, and resampling it hundreds of
+times, costs seconds.
+
+Losses (``LOSSES``), per example, against the full-depth prediction of the reference model:
+
+* ``accuracy_drop`` (default): ``full_correct - exit_correct`` in ``{-1, 0, 1}``. Its mean *is* the accuracy
+  drop the user budgets for; early exits that fix a full-depth mistake count in their favour. Tested with the
+  variance-adaptive WSR p-value (most examples have loss 0).
+* ``disagreement``: ``exit_prediction != full_prediction`` in ``{0, 1}``, with the Hoeffding-Bentkus
+  p-value. It needs no labels and bounds the accuracy drop from above (a drop needs a disagreement), so it
+  is stricter: it buys the guarantee with speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from consistentee.evaluation.curves import select_on_dev
+from consistentee.evaluation.risk import hoeffding_bentkus_pvalue, learn_then_test, shift_to_unit, wsr_pvalue
+from consistentee.evaluation.sweep import EvalTables, PointResult, knob_from_json
+from consistentee.exits.rules import RULES
+
+__all__ = [
+    "DEFAULT_DELTA",
+    "LOSSES",
+    "LOSS_DEFINITIONS",
+    "CalibrationChoice",
+    "Outcomes",
+    "calibrate",
+    "candidate_sequences",
+    "outcomes_from_points",
+    "pvalues",
+    "resampling_study",
+]
+
+LOSSES = ("accuracy_drop", "disagreement")
+LOSS_DEFINITIONS = {
+    "accuracy_drop": "per example: full-depth correct minus early-exit correct (in -1, 0, 1); its mean is the "
+                     "accuracy drop against full depth",
+    "disagreement": "per example: early-exit prediction differs from the full-depth prediction (0/1); it needs "
+                    "no labels and bounds the accuracy drop from above",
+}
+DEFAULT_DELTA = 0.1
+
+
+@dataclass
+class Outcomes:
+    """Per-row outcomes of K candidate operating points on N rows."""
+
+    #: [K, N] 1-based exit layers.
+    exit_layers: np.ndarray
+    #: [K, N] whether each candidate's prediction is right.
+    correct: np.ndarray
+    #: [K, N] whether each candidate's prediction equals the reference model's full-depth prediction.
+    agree: np.ndarray
+    #: [N] whether the reference model at full depth is right.
+    ref_correct: np.ndarray
+    #: candidate indices from conservative to aggressive, one list per sequence.
+    sequences: list[list[int]]
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        k, n = self.exit_layers.shape
+        for name in ("correct", "agree"):
+            if getattr(self, name).shape != (k, n):
+                raise ValueError(f"{name} must be [{k}, {n}], got {getattr(self, name).shape}")
+        if self.ref_correct.shape != (n,):
+            raise ValueError(f"ref_correct must be [{n}], got {self.ref_correct.shape}")
+
+    @classmethod
+    def from_predictions(cls, exit_layers: np.ndarray, predictions: np.ndarray, labels: np.ndarray,
+                         full_predictions: np.ndarray, sequences: list[list[int]], num_layers: int) -> Outcomes:
+        labels = np.asarray(labels)
+        predictions = np.asarray(predictions)
+        full_predictions = np.asarray(full_predictions)
+        return cls(np.asarray(exit_layers, dtype=np.int64), predictions == labels[None, :],
+                   predictions == full_predictions[None, :], full_predictions == labels, sequences, num_layers)
+
+    @property
+    def num_candidates(self) -> int:
+        return self.exit_layers.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        return self.exit_layers.shape[1]
+
+
+def candidate_sequences(rule_name: str, knobs: Sequence[Any], model_keys: Sequence[Any] | None = None) -> list[list[int]]:
+    """Candidate indices grouped into fixed-sequence chains (one per model and per
+    :meth:`~consistentee.exits.rules.ExitRule.sequence_key`), each from conservative to aggressive.
+
+    ``knobs`` are in ``make_rule`` form. The order comes from the knobs alone, never from data.
+    """
+    cls = RULES[rule_name]
+    keys = list(model_keys) if model_keys is not None else [None] * len(knobs)
+    groups: dict[Any, list[int]] = {}
+    for i, (knob, model) in enumerate(zip(knobs, keys, strict=True)):
+        groups.setdefault((model, cls.sequence_key(knob)), []).append(i)
+    return [sorted(idx, key=lambda i: cls.aggressiveness(knobs[i])) for _, idx in sorted(
+        groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]
+
+
+def _alpha(max_loss_points: float) -> float:
+    alpha = float(max_loss_points) / 100.0
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"max loss must lie in (0, 100) points, got {max_loss_points}")
+    return alpha
+
+
+def pvalues(outcomes: Outcomes, rows: np.ndarray, loss: str, max_loss_points: float, delta: float,
+            order_seed: int = 0, candidates: Sequence[int] | None = None) -> np.ndarray:
+    """P-values of H: E[loss] > budget on ``rows`` for ``candidates`` (default: all), WSR in a seeded order.
+
+    WSR's bet uses the per-sequence level ``delta / number of sequences``, the level it is tested at.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    alpha = _alpha(max_loss_points)
+    rows = np.asarray(rows)
+    index = np.arange(outcomes.num_candidates) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    if loss == "disagreement":
+        risk = 1.0 - outcomes.agree[np.ix_(index, rows)].mean(axis=1)
+        return hoeffding_bentkus_pvalue(risk, len(rows), alpha)
+    order = rows[np.random.default_rng(order_seed).permutation(len(rows))]
+    drop = outcomes.ref_correct[order][None, :].astype(np.int8) - outcomes.correct[np.ix_(index, order)].astype(np.int8)
+    unit, unit_alpha = shift_to_unit(drop, alpha)
+    level = delta / max(1, len(outcomes.sequences))
+    return wsr_pvalue(unit, unit_alpha, level)
+
+
+@dataclass
+class CalibrationChoice:
+    """What calibration chose: a candidate index (None: nothing certified, so run at full depth)."""
+
+    index: int | None
+    certified: int
+    layer_speedup: float
+    loss_points: float
+
+
+def calibrate(outcomes: Outcomes, rows: np.ndarray, *, max_loss_points: float, delta: float = DEFAULT_DELTA,
+              loss: str = "accuracy_drop", order_seed: int = 0) -> CalibrationChoice:
+    """The fastest candidate (layer speed-up on ``rows``) among those Learn-then-Test certifies."""
+    rows = np.asarray(rows)
+    certified = learn_then_test(
+        lambda idx: pvalues(outcomes, rows, loss, max_loss_points, delta, order_seed, candidates=idx),
+        outcomes.sequences, delta)
+    if not certified:
+        return CalibrationChoice(None, 0, 1.0, 0.0)
+    mean_layers = outcomes.exit_layers[:, rows].mean(axis=1)
+    acc = outcomes.correct[:, rows].mean(axis=1)
+    best = min(certified, key=lambda i: (mean_layers[i], -acc[i], i))
+    drop = 100.0 * (outcomes.ref_correct[rows].mean() - acc[best])
+    return CalibrationChoice(int(best), len(certified), outcomes.num_layers / float(mean_layers[best]), float(drop))
+
+
+def _realised(outcomes: Outcomes, index: int | None, rows: np.ndarray) -> tuple[float, float]:
+    """(layer speed-up, accuracy loss in points) of a choice on ``rows``; None = full depth."""
+    if index is None:
+        return 1.0, 0.0
+    speed = outcomes.num_layers / float(outcomes.exit_layers[index, rows].mean())
+    loss = 100.0 * float(outcomes.ref_correct[rows].mean() - outcomes.correct[index, rows].mean())
+    return speed, loss
+
+
+def _naive_choice(outcomes: Outcomes, rows: np.ndarray, budget: float) -> int | None:
+    """The fastest candidate whose accuracy on ``rows`` is within the budget (the uncalibrated dev choice)."""
+    speed = outcomes.num_layers / outcomes.exit_layers[:, rows].mean(axis=1)
+    acc = outcomes.correct[:, rows].mean(axis=1)
+    return select_on_dev([(i, speed[i], acc[i]) for i in range(outcomes.num_candidates)],
+                         float(outcomes.ref_correct[rows].mean()), budget)
+
+
+def resampling_study(outcomes: Outcomes, *, calibration_size: int, test_size: int, budgets: Sequence[float],
+                     delta: float = DEFAULT_DELTA, loss: str = "accuracy_drop", resplits: int = 200,
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Split the pooled rows at random ``resplits`` times, calibrate on one part, measure on the other.
+
+    Per budget (key ``str(float(budget))``): the violation rate (share of splits whose realised accuracy
+    loss on the held-out part exceeds the budget), median / 10th / 90th percentile of the realised layer
+    speed-up, how often nothing was certified, and the same for the naive choice (fastest knob within the
+    budget on the calibration part) for contrast.
+    """
+    n = outcomes.num_rows
+    if calibration_size < 1 or test_size < 1 or calibration_size + test_size > n:
+        raise ValueError(f"cannot split {n} rows into {calibration_size} + {test_size}")
+    rng = np.random.default_rng(seed)
+    splits = [rng.permutation(n) for _ in range(resplits)]
+    out: dict[str, dict[str, Any]] = {}
+    for budget in budgets:
+        speeds, losses, naive_speeds, naive_losses, empty = [], [], [], [], 0
+        for r, perm in enumerate(splits):
+            cal, test = perm[:calibration_size], perm[calibration_size:calibration_size + test_size]
+            choice = calibrate(outcomes, cal, max_loss_points=budget, delta=delta, loss=loss, order_seed=seed + r)
+            empty += choice.index is None
+            s, l_ = _realised(outcomes, choice.index, test)
+            speeds.append(s)
+            losses.append(l_)
+            s, l_ = _realised(outcomes, _naive_choice(outcomes, cal, budget), test)
+            naive_speeds.append(s)
+            naive_losses.append(l_)
+        losses_a, naive_a = np.array(losses), np.array(naive_losses)
+        out[str(float(budget))] = {
+            "violation_rate": float(np.mean(losses_a > budget + 1e-9)),
+            "median_speedup": float(np.median(speeds)),
+            "speedup_p10": float(np.percentile(speeds, 10)),
+            "speedup_p90": float(np.percentile(speeds, 90)),
+            "median_loss_points": float(np.median(losses_a)),
+            "none_certified_rate": empty / len(splits),
+            "naive_violation_rate": float(np.mean(naive_a > budget + 1e-9)),
+            "naive_median_speedup": float(np.median(naive_speeds)),
+        }
+    return out
+
+
+def outcomes_from_points(rule_name: str, points: Sequence[PointResult], dev: EvalTables, test: EvalTables) -> Outcomes:
+    """Outcomes of a rule's swept points on dev rows (first) and test rows (after them), against the full
+    depth of the model whose tables ``dev``/``test`` are (the benchmark's reference: the stage-1 model)."""
+    if any(p.dev_exit_layers is None for p in points):
+        raise ValueError("calibration needs the dev exit layers of every point (sweep keeps them)")
+    exit_layers = np.stack([np.concatenate([p.dev_exit_layers.numpy(), p.test_exit_layers.numpy()]) for p in points])
+    predictions = np.stack([np.concatenate([p.dev_predictions.numpy(), p.test_predictions.numpy()]) for p in points])
+    labels = np.concatenate([dev.labels.numpy(), test.labels.numpy()])
+    full = np.concatenate([dev.probs[:, -1].argmax(-1).numpy(), test.probs[:, -1].argmax(-1).numpy()])
+    knobs = [knob_from_json(rule_name, p.knob) for p in points]
+    sequences = candidate_sequences(rule_name, knobs, [p.model_key for p in points])
+    return Outcomes.from_predictions(exit_layers, predictions, labels, full, sequences, dev.num_layers)

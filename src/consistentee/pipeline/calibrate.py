@@ -1,0 +1,137 @@
+"""``consistentee calibrate``: choose a model's operating point for an accuracy budget, with a guarantee.
+
+Recipe: load the model folder -> per-layer tables of a held-out labelled split -> the rule's knob
+candidates at quantiles of its own score -> Learn-then-Test (:mod:`consistentee.evaluation.calibration`)
+-> ``operating_point.json`` in the model folder, which predict, serve and the Python API then use when no
+knob is given.
+
+The guarantee: with probability at least ``1 - delta`` over the draw of the calibration split, the chosen
+knob's expected loss against the model's own full depth is at most the budget, for inputs drawn like that
+split. It says nothing about inputs from another distribution.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from consistentee.evaluation.calibration import (
+    DEFAULT_DELTA,
+    LOSS_DEFINITIONS,
+    LOSSES,
+    calibrate,
+    outcomes_from_points,
+)
+from consistentee.evaluation.sweep import EvalTables, build_candidates, sweep
+from consistentee.evaluation.tables import collect_exit_tables
+from consistentee.inference.operating_point import OperatingPoint, save_operating_point
+
+__all__ = ["CALIBRATION_RULES", "CalibrationConfig", "calibrate_model", "default_rule", "model_folder",
+           "tables_for_split"]
+
+#: rules a model folder carries every signal for (learned exit heads live in a run directory, the oracle reads labels).
+CALIBRATION_RULES = ("consistentee", "confidence", "entropy", "patience", "pcee", "static")
+
+
+@dataclass
+class CalibrationConfig:
+    """What to calibrate for: the budget, the confidence, the rule and how finely its knob is searched."""
+
+    #: largest accuracy loss against full depth, in percentage points.
+    max_loss: float = 1.0
+    #: the budget holds with probability at least 1 - delta.
+    delta: float = DEFAULT_DELTA
+    #: exit rule, or "auto": consistentee when the model's policies were trained, else confidence.
+    rule: str = "auto"
+    #: what is controlled: accuracy_drop (default) or disagreement with full depth (label-free, stricter).
+    loss: str = "accuracy_drop"
+    #: knob candidates at quantiles of the rule's score on the split.
+    grid_points: int = 200
+    #: seed of the example order the WSR p-value reads.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.max_loss < 100.0:
+            raise ValueError(f"--max-loss must lie in (0, 100) accuracy points, got {self.max_loss}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"--delta must lie in (0, 1), got {self.delta}")
+        if self.rule != "auto" and self.rule not in CALIBRATION_RULES:
+            raise ValueError(f"--rule {self.rule!r} cannot be calibrated on a model folder; choose auto or one of "
+                             f"{', '.join(CALIBRATION_RULES)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.grid_points < 2:
+            raise ValueError(f"--grid-points must be >= 2, got {self.grid_points}")
+
+
+def default_rule(model_dir: str | os.PathLike, config: Any) -> str:
+    """consistentee when the folder's policies were trained by stages 2/3, else confidence."""
+    from consistentee.training.policy import policies_trained
+
+    return "consistentee" if policies_trained(model_dir, config) else "confidence"
+
+
+def calibrate_model(
+    model, model_dir: str | os.PathLike, tables: EvalTables, cfg: CalibrationConfig, *,
+    source: dict[str, Any] | None = None, write: bool = True,
+) -> tuple[OperatingPoint, dict[str, Any]]:
+    """Calibrate ``model`` (loaded from ``model_dir``) on the labelled ``tables`` of a held-out split.
+
+    Returns the operating point (written to ``model_dir/operating_point.json`` when ``write``) and a summary
+    of what was measured on the calibration split. Nothing certified: the point is full depth (static k=L).
+    """
+    rule = default_rule(model_dir, model.config) if cfg.rule == "auto" else cfg.rule
+    n = len(tables)
+    policy_tables = {0.0: (tables, tables)} if rule == "consistentee" else None
+    points = sweep(build_candidates(rule, tables, tables, policy_tables=policy_tables, grid_points=cfg.grid_points))
+    outcomes = outcomes_from_points(rule, points, tables, tables)
+    rows = np.arange(n)  # the dev half of the pooled outcomes is the calibration split
+    choice = calibrate(outcomes, rows, max_loss_points=cfg.max_loss, delta=cfg.delta, loss=cfg.loss,
+                       order_seed=cfg.seed)
+    full = float(tables.full_depth()["accuracy"])
+    if choice.index is None:
+        chosen_rule, knob, acc, speed = "static", tables.num_layers, full, 1.0
+    else:
+        p = points[choice.index]
+        chosen_rule, knob = rule, p.knob["threshold"] if rule == "consistentee" else p.knob
+        acc, speed = float(p.dev["accuracy"]), float(p.dev["layer_speedup"])
+    summary = {
+        "method": "learn-then-test (fixed-sequence testing, "
+                  + ("WSR" if cfg.loss == "accuracy_drop" else "Hoeffding-Bentkus") + " p-values)",
+        "rule_searched": rule, "max_loss_points": cfg.max_loss, "delta": cfg.delta, "loss": cfg.loss,
+        "loss_definition": LOSS_DEFINITIONS[cfg.loss], "calibration_examples": n, "candidates": len(points),
+        "certified": choice.certified, "seed": cfg.seed,
+        "calibration_split": {"full_depth_accuracy": full, "accuracy": acc, "layer_speedup": speed,
+                              "loss_points": 100.0 * (full - acc)},
+        **(source or {}),
+    }
+    if choice.index is None:
+        summary["note"] = "no knob was certified for this budget: the model runs at full depth"
+    point = OperatingPoint(rule=chosen_rule, knob=knob, calibration=summary)
+    if write:
+        save_operating_point(model_dir, point)
+    return point, summary
+
+
+def tables_for_split(model, dataset, collate, *, batch_size: int, device: torch.device, progress: bool) -> EvalTables:
+    """Per-layer tables of a labelled split under ``model`` (one full-depth pass)."""
+    cache = collect_exit_tables(model, dataset, collate, batch_size=batch_size, device=device, progress=progress,
+                                desc="calibration tables")
+    if cache.labels is None:
+        raise ValueError("calibration needs a labelled split")
+    return EvalTables.from_exit_tables(cache)
+
+
+def model_folder(path: str | os.PathLike) -> Path:
+    """The model folder to calibrate: ``path`` itself (it must hold config.json)."""
+    folder = Path(path)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder (no config.json); calibrate a saved model, e.g. "
+                                "RUN_DIR/policies/beta-0.05/model")
+    return folder
+
