@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from consistentee.cli.main import main
-from consistentee.generation.decoder import EXITS_WEIGHTS
+from consistentee.generation.decoder import EXITS_WEIGHTS, LORA_DIR
+from consistentee.generation.lora import ADAPTER_WEIGHTS
 from consistentee.generation.training import MEMORIZED_FILE
 
 from .test_two_processes import DDP_CPU, _free_port
@@ -76,7 +77,15 @@ def test_two_processes_train_decoder_exits_like_one_process(tiny_llama_dir, tmp_
     s1, s2, s3 = (load_file(one / stage / EXITS_WEIGHTS) for stage in ("stage1", "stage2", "stage3"))
     assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("policies."))
     assert any(not torch.equal(s2[k], s3[k]) for k in s2 if k.startswith("heads."))
-    assert any(k.startswith("lora.") for k in s1) == (lora_rank > 0)  # the adapters are compared when trained
+    adapter = one / "stage1" / LORA_DIR / ADAPTER_WEIGHTS
+    assert adapter.is_file() == (lora_rank > 0)
+    if lora_rank:  # the peft adapters, trained in stage 1, agree too (and stay fixed in stages 2 and 3)
+        a, b = load_file(adapter), load_file(two / "stage1" / LORA_DIR / ADAPTER_WEIGHTS)
+        assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+        assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+        c = load_file(one / "stage3" / LORA_DIR / ADAPTER_WEIGHTS)
+        assert all(torch.equal(a[k], c[k]) for k in a)
     memorized = load_file(one / MEMORIZED_FILE)["memorized"]
     assert torch.equal(memorized, load_file(two / MEMORIZED_FILE)["memorized"])
     assert memorized.shape == (5, 16) and memorized.min() < memorized.max()

@@ -39,3 +39,19 @@ def test_speedup_summary():
 def test_speedup_summary_rejects_bad_layers(layers):
     with pytest.raises(ValueError):
         speedup_summary(layers, 6)
+
+
+def test_metrics_from_the_confusion_matrix_equal_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    for classes, n in ((2, 50), (6, 300), (3, 7)):
+        t = rng.integers(0, classes, n)
+        p = np.where(rng.random(n) < 0.7, t, rng.integers(0, classes, n))
+        p[:2] = classes  # a predicted class absent from the labels
+        got = classification_metrics(t, p)
+        assert got["accuracy"] == pytest.approx(accuracy_score(t, p))
+        assert got["macro_f1"] == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
+        assert got["mcc"] == pytest.approx(matthews_corrcoef(t, p))
+    constant = classification_metrics(np.array([0, 1, 1]), np.array([1, 1, 1]))
+    assert constant["mcc"] == 0.0

@@ -78,3 +78,17 @@ def test_wikitext_chunks(smollm):
     assert a.shape == (4, 32) and not (a == b).all()
     w = data.perplexity_windows(tok, 64, 200)
     assert w.shape == (3, 64)
+
+
+def test_top_tokens_are_the_most_frequent_training_tokens_plus_the_stop_ids(monkeypatch):
+    from transformers import AutoTokenizer
+
+    from consistentee.resources import builtin_model_path
+
+    monkeypatch.setattr(data, "TOP_TOKENS_CHARS", 50_000)
+    monkeypatch.setattr(data, "_TOP_TOKENS", {})
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("minilm"))
+    top = data.top_tokens(tok, 50).tolist()
+    assert len(top) == len(set(top)) == 50
+    assert tok.convert_tokens_to_ids("the") in top and tok.eos_token_id in (None, *top)
+    assert data.top_tokens(tok, 10).tolist() == top[:10]  # nested: a smaller set is a prefix

@@ -1,15 +1,15 @@
-"""The optional backbone LoRA: exact at the start, trained in stage 1 only, saved and reloaded with the exits."""
+"""The optional backbone LoRA (peft): exact at the start, trained in stage 1 only, saved in peft's format with the
+exits, reloaded and merged."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from consistentee.generation import training as T
 from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
-from consistentee.generation.lora import LoRAConfig, LoRALinear, has_lora
+from consistentee.generation.lora import LoRAConfig, has_lora
 from consistentee.utils.io import read_json
 
 from .conftest import tiny_base
@@ -21,17 +21,21 @@ def _cfg(**kw) -> T.LMTrainConfig:
     return T.LMTrainConfig(**{**base, **kw})
 
 
-def test_lora_linear_with_zero_b_is_the_base_linear_exactly():
-    torch.manual_seed(0)
-    base = nn.Linear(8, 5)
-    lora = LoRALinear(base, rank=3, alpha=16.0)
-    x = torch.randn(2, 4, 8)
-    assert torch.equal(lora(x), base(x))
-    assert not base.weight.requires_grad and lora.lora_A.requires_grad and lora.lora_B.requires_grad
-    with torch.no_grad():
-        lora.lora_B.normal_()
-    expected = base(x) + x @ lora.lora_A.T @ lora.lora_B.T * (16.0 / 3)
-    assert torch.allclose(lora(x), expected, atol=1e-6)
+def test_peft_lora_with_zero_b_is_the_base_model_exactly_and_trains_only_the_adapters():
+    base = tiny_base(layers=4)
+    ids = torch.randint(3, 64, (2, 7))
+    ref = base(input_ids=ids).logits
+    model = EarlyExitLM(base, ExitsConfig(adapter_rank=2))
+    params = model.add_lora(LoRAConfig(2, 16.0, ("q_proj", "v_proj")))
+    assert has_lora(base) and len(params) == 4 * 2 * 2  # layers x (q, v) x (A, B)
+    assert torch.equal(base(input_ids=ids).logits, ref)  # peft starts B at zero: the original model, bitwise
+    states, _ = T.run_with_exits(model, ids)
+    assert (model.head_logits(4, states[4]) - ref).abs().max() < 1e-5
+    assert all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in base.named_parameters() if "lora_" not in n)
+    assert model.add_lora(LoRAConfig(2, 16.0, ("q_proj", "v_proj"))) == params  # same LoRA: the same adapters
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        model.add_lora(LoRAConfig(4, 16.0, ("q_proj",)))
 
 
 def test_stage1_trains_the_lora_and_heads_and_leaves_the_pretrained_weights_bitwise():
@@ -39,25 +43,30 @@ def test_stage1_trains_the_lora_and_heads_and_leaves_the_pretrained_weights_bitw
     before = {k: v.clone() for k, v in model.base.state_dict().items()}
     cfg = _cfg(lora_rank=2)
     params = model.add_lora(cfg.lora_config())
-    assert len(params) == 4 * 2 * 2  # layers x (q, v) x (A, B)
-    lora_before = [p.clone() for p in params]
+    lora_before = {n: p.clone() for n, p in model.lora_params.items()}
     heads_before = [p.clone() for p in model.heads.parameters()]
     T.stage1(model, torch.randint(3, 64, (6, 12)), cfg, progress=False)
-    assert all(not torch.equal(a, b) for a, b in zip(lora_before[1::2], params[1::2], strict=True))  # every B
+    assert all(not torch.equal(lora_before[n], p) for n, p in model.lora_params.items() if "lora_B" in n)
     assert any(not torch.equal(a, b) for a, b in zip(heads_before, model.heads.parameters(), strict=True))
+    assert len(params) == len(lora_before)
     after = model.base.state_dict()
-    for key, value in before.items():  # q_proj.weight now lives at q_proj.base.weight
-        moved = key.replace("q_proj.", "q_proj.base.").replace("v_proj.", "v_proj.base.")
+    for key, value in before.items():  # peft keeps q_proj.weight at q_proj.base_layer.weight
+        moved = key.replace("q_proj.", "q_proj.base_layer.").replace("v_proj.", "v_proj.base_layer.")
         assert torch.equal(value, after[moved]), key
 
 
-def test_lora_exits_round_trip_give_identical_logits_at_every_exit(tmp_path):
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's loader calls a transformers method deprecated in v5
+def test_lora_exits_round_trip_in_peft_format_and_merge(tmp_path):
+    from peft import PeftModel
+
     model = EarlyExitLM(tiny_base(layers=4), ExitsConfig(adapter_rank=2))
     model.add_lora(LoRAConfig(2, 8.0, ("q_proj", "o_proj", "down_proj")))
     with torch.no_grad():
-        for p in model.trainable_modules().parameters():
+        for p in [*model.trainable_modules().parameters(), *model.lora_params.values()]:
             p.add_(0.3 * torch.randn_like(p))
     model.save_exits(tmp_path)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert not any(k.startswith("lora") for k in load_file(tmp_path / "exits.safetensors"))
     loaded = EarlyExitLM.load_exits(tmp_path, tiny_base(layers=4))  # a fresh base: adapters re-created
     assert loaded.lora == model.lora and has_lora(loaded.base)
     ids = torch.randint(3, 64, (2, 7))
@@ -65,10 +74,22 @@ def test_lora_exits_round_trip_give_identical_logits_at_every_exit(tmp_path):
     states2, _ = T.run_with_exits(loaded, ids)
     for layer in model.exit_layers:
         assert torch.equal(model.head_logits(layer, states[layer]), loaded.head_logits(layer, states2[layer]))
+    # peft's own loader reads the adapter: the same full model
+    plain = PeftModel.from_pretrained(tiny_base(layers=4), str(tmp_path / "adapter"))
+    assert torch.allclose(plain(input_ids=ids).logits, model.head_logits(4, states[4]), atol=1e-5)
+    # merged for inference: no adapter modules left, same logits up to rounding
+    merged = EarlyExitLM.load_exits(tmp_path, tiny_base(layers=4), merge=True)
+    assert not has_lora(merged.base) and merged.lora_merged
+    states3, _ = T.run_with_exits(merged, ids)
+    for layer in model.exit_layers:
+        assert torch.allclose(model.head_logits(layer, states[layer]), merged.head_logits(layer, states3[layer]),
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="merged"):
+        merged.save_exits(tmp_path / "again")
     with pytest.raises(ValueError, match="without LoRA"):  # a LoRA-free exits dir on a base that has one
-        plain = tmp_path / "plain"
-        EarlyExitLM(tiny_base(layers=4), ExitsConfig(adapter_rank=2)).save_exits(plain)
-        EarlyExitLM.load_exits(plain, model.base)
+        plain_dir = tmp_path / "plain"
+        EarlyExitLM(tiny_base(layers=4), ExitsConfig(adapter_rank=2)).save_exits(plain_dir)
+        EarlyExitLM.load_exits(plain_dir, model.base)
 
 
 def test_lora_rank_zero_adds_nothing_and_saves_as_before(tmp_path):
@@ -89,7 +110,8 @@ def test_train_exits_with_lora_saves_it_and_resumes(tmp_path, capsys):
     again = EarlyExitLM(tiny_base(layers=4), ExitsConfig(adapter_rank=2))
     T.train_exits(again, _Tok(), tmp_path, cfg, progress=True)
     assert capsys.readouterr().out.count("already done, loaded") == 3
-    assert all(torch.equal(a, b) for a, b in zip(model.lora_params.values(), again.lora_params.values(), strict=True))
+    assert model.lora_params.keys() == again.lora_params.keys()
+    assert all(torch.equal(model.lora_params[k], again.lora_params[k]) for k in model.lora_params)
     with pytest.raises(ValueError, match="saved with LoRA"):
         T.train_exits(EarlyExitLM(tiny_base(layers=4), ExitsConfig(adapter_rank=2)), _Tok(), tmp_path,
                       _cfg(stage1_steps=2))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from consistentee.generation import training as T
@@ -207,3 +208,75 @@ def test_train_exits_writes_each_stage_and_resumes_from_the_files(tmp_path, caps
     assert capsys.readouterr().out.count("already done, loaded") == 3
     trained = EarlyExitLM.load_exits(out, again.base).trainable_modules().state_dict()
     assert all(torch.equal(v, again.trainable_modules().state_dict()[k]) for k, v in trained.items())
+
+
+def test_hardness_weight_floor_keeps_a_cost_for_tokens_memorized_at_the_last_layer():
+    m = torch.tensor([1, 15, 30])
+    assert torch.allclose(T.hardness_weight(m, 30, 0.0), 1 - m.float() / 30)  # the paper's form, 0 at m = L
+    w = T.hardness_weight(m, 30, 0.2)
+    assert w[2] == pytest.approx(0.2) and bool((w[:-1] > w[1:]).all())  # floor, still ordered by hardness
+    assert torch.equal(T.hardness_weight(m, 30, 1.0), torch.ones(3))  # the cost-only form
+
+
+def test_layer_dropout_rates_rise_from_zero_and_skipped_layers_pass_the_state_on():
+    rates = T.layer_dropout_rates(4, 0.2)
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.2) and bool((rates[1:] > rates[:-1]).all())
+    model = _model()
+    ids = torch.randint(3, 64, (2, 5))
+    skip = torch.tensor([[False, True, True, True], [False] * 4])
+    states, _ = T.run_with_exits(model, ids, skip=skip)
+    assert torch.equal(states[1][0], states[4][0])  # row 0 skipped layers 2-4
+    ref, _ = T.run_with_exits(model, ids)
+    assert torch.equal(states[4][1], ref[4][1])  # row 1 ran every layer
+
+
+@pytest.mark.parametrize("kw", [{"head_positions": 0}, {"head_positions": 0, "exit_kl": 0.5, "layer_dropout": 0.3}])
+def test_stage1_layerskip_options_train_the_heads(kw):
+    model = _model()
+    cfg = T.LMTrainConfig(seq_len=10, batch_size=2, stage1_steps=3, **kw)
+    before = [p.clone() for p in model.heads.parameters()]
+    losses = T.stage1(model, torch.randint(3, 64, (6, 10)), cfg, progress=False)
+    assert len(losses) == 3 and all(loss == loss for loss in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.heads.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("kw", [{"head_positions": -1}, {"hardness_floor": 1.5}, {"layer_dropout": -0.1},
+                                {"exit_kl": -1.0}])
+def test_new_options_are_checked(kw):
+    with pytest.raises(ValueError):
+        T.LMTrainConfig(**kw)
+
+
+def test_xsum_training_split_never_holds_a_test_article(tmp_path):
+    from consistentee.generation import data
+
+    from .test_data_and_cli import _fake_sdist
+
+    sdist = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz",
+                        [{"input": f"article {i}", "target": f"summary {i}"} for i in range(data.XSUM_TEST_POOL + 5)])
+    test = {e.id for e in data.xsum_examples(data.XSUM_TEST_POOL, path=sdist)}
+    train = data.xsum_train_examples(path=sdist)
+    assert len(train) == 5 and not test & {e.id for e in train}
+    with pytest.raises(data.DataError, match="at most"):
+        data.xsum_examples(data.XSUM_TEST_POOL + 1, path=sdist)
+
+
+def test_xsum_training_chunks_are_prompt_summary_windows(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from consistentee.generation import data
+    from consistentee.resources import builtin_model_path
+
+    from .test_data_and_cli import _fake_sdist
+
+    sdist = _fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", [
+        {"input": f"article {i} about the weather in town", "target": f"summary {i}"}
+        for i in range(data.XSUM_TEST_POOL + 20)])
+    monkeypatch.setenv("CONSISTENTEE_BIGBENCH_SDIST", str(sdist))
+    tok = AutoTokenizer.from_pretrained(builtin_model_path("minilm"))
+    chunks = data.lm_chunks(tok, "train", 16, 4, corpus="xsum")
+    assert chunks.shape == (4, 16)
+    text = tok.decode(data.xsum_train_ids(tok))
+    assert "summarize the following article" in text.lower() and "summary" in text
+    with pytest.raises(data.DataError, match="unknown training corpus"):
+        data.lm_chunks(tok, "train", 16, 4, corpus="books")

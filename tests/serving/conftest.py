@@ -91,3 +91,16 @@ def start_server():
     for server in running:
         if server.thread.is_alive():
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def calibration_csv(tmp_path_factory) -> str:
+    """240 labelled texts: enough rows for Learn-then-Test to certify a loose budget."""
+    import pandas as pd
+
+    words = ["good", "bad", "film", "great", "dull", "moving", "boring", "witty", "slow", "fine", "awful", "fun"]
+    rows = [{"id": f"r{i}", "text": " ".join(words[(i * k) % len(words)] for k in range(1, 2 + i % 5)),
+             "label": "pos" if i % 2 else "neg"} for i in range(240)]
+    path = tmp_path_factory.mktemp("calibration") / "texts.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)

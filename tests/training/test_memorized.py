@@ -1,4 +1,4 @@
-"""Memorized layers (METHOD.md section 4) on hand-made prediction tables."""
+"""Memorized layers (docs/method.md section 4) on hand-made prediction tables."""
 
 from __future__ import annotations
 

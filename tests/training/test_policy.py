@@ -152,7 +152,7 @@ def test_the_hand_built_run_has_the_intended_hardness(hardness_run):
 
 def test_stage2_learns_to_exit_easy_inputs_early_and_hard_ones_late(hardness_run):
     # The exits of this run are equally confident on every input: only the state tells easy from hard, and the
-    # log-probability reward with per-group scaling is the METHOD.md form of hardness guidance.
+    # log-probability reward with per-group scaling is the docs/method.md form of hardness guidance.
     cfg = PolicyConfig(beta=0.5, rollouts=8, policy_epochs=12, joint_epochs=0, policy_batch_size=16,
                        policy_learning_rate=1e-2, policy_features="state", reward_quality="log_prob",
                        advantage_norm="group_std", seed=0)
@@ -220,3 +220,11 @@ def test_a_policy_holdout_keeps_stage1_and_the_policy_stages_on_disjoint_example
     assert len(log) - 1 == 3  # 12 held-out examples / 4 per step
     with pytest.raises(ValueError, match="policy_holdout"):
         DataConfig(policy_holdout=1.0)
+
+
+@pytest.mark.parametrize("field_value", [("policy_learning_rate", float("nan")), ("joint_learning_rate", float("inf")),
+                                         ("joint_head_learning_rate", 0.0), ("beta", float("inf"))])
+def test_non_finite_or_zero_rates_are_refused_before_training(field_value):
+    name, value = field_value
+    with pytest.raises(ValueError, match=name):
+        PolicyConfig(**{name: value})

@@ -1,4 +1,4 @@
-"""Specification tests for the ConsistentEE RL math (METHOD.md sections 3-5)."""
+"""Specification tests for the ConsistentEE RL math (docs/method.md sections 3-5)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.rule != "full" and args.exits_dir is None:
         raise ValueError(f"rule {cfg.rule!r} needs trained exits: pass --exits-dir (or use --rule full)")
     base, tok = load_causal_lm(args.model, resolve_device(args.device))
-    model = EarlyExitLM.load_exits(args.exits_dir, base) if args.exits_dir else EarlyExitLM(base)
+    model = EarlyExitLM.load_exits(args.exits_dir, base, merge=True) if args.exits_dir else EarlyExitLM(base)
     stream = len(prompts) == 1 and not args.json
 
     def on_text(row: int, text: str) -> None:

@@ -68,7 +68,7 @@ def add_train_parser(verbs) -> argparse.ArgumentParser:
 def add_stage1_parser(verbs) -> argparse.ArgumentParser:
     return _training_parser(
         verbs, "stage1", "stage 1 only (multi-exit fine-tuning)",
-        "Multi-exit fine-tuning (METHOD.md section 5.1) into RUN_DIR/stage1; resumes when interrupted. "
+        "Multi-exit fine-tuning (docs/method.md section 5) into RUN_DIR/stage1; resumes when interrupted. "
         "A run directory trained with other data or model settings is refused.",
     )
 
@@ -78,7 +78,7 @@ def add_memorize_parser(verbs) -> argparse.ArgumentParser:
     parser = verbs.add_parser(
         "memorize", formatter_class=main._Formatter, help="memorized layers of a run's training set",
         description="Memorized layer m(x) of every training example under the run's stage-1 model "
-                    "(METHOD.md section 4): JSON keyed by example id, a printed histogram and a PNG.",
+                    "(docs/method.md section 4): JSON keyed by example id, a printed histogram and a PNG.",
     )
     parser.add_argument("--run-dir", required=True, help="a run directory with a finished stage 1")
     parser.add_argument("--batch-size", type=int, default=128, help="evaluation batch size")

@@ -1,4 +1,4 @@
-"""Early exit for decoder-only language models (METHOD.md section 7).
+"""Early exit for decoder-only language models (docs/method.md section 7).
 
 Modules, one concern each:
 

@@ -4,8 +4,12 @@
   consecutive ``seq_len``-token windows of the train split, taken in a seeded order; perplexity uses the
   first ``max_tokens`` tokens of the test split in non-overlapping windows.
 * XSum (1,001 examples): ``*/benchmark_tasks/gem/xsum/task.json`` inside ``bigbench-1.0.0.tar.gz`` at
-  ``$CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/``. The fixed subset: a seeded permutation
-  (seed 0) of the examples in file order, first ``n``.
+  ``$CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/``. The fixed test subset: a seeded permutation
+  (seed 0) of the examples in file order, first ``n`` (at most ``XSUM_TEST_POOL``); the training split
+  (``corpus="xsum"``) is the rest of that permutation, so it never holds a test article. Training sequences are
+  the chat-formatted prompts (as in generation) followed by the reference summary and EOS, packed into windows.
+* Reduced exit vocabulary (:func:`top_tokens`): the most frequent tokens of WikiText-2 train, plus the
+  tokenizer's end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ XSUM_MEMBER = "benchmark_tasks/gem/xsum/task.json"
 BIGBENCH_ENV = "CONSISTENTEE_BIGBENCH_SDIST"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 XSUM_INSTRUCTION = "Summarize the following article in one sentence.\n\n"
+#: test examples come from the first XSUM_TEST_POOL of the seeded permutation; training from the rest
+XSUM_TEST_POOL = 300
+#: articles are cut to this many tokens in the training split (as the benchmark's prompts)
+XSUM_TRAIN_ARTICLE_TOKENS = 256
+CORPORA = ("wikitext", "xsum")
 
 
 class DataError(ValueError):
@@ -44,16 +53,21 @@ def wikitext_text(split: str, max_chars: int | None = None) -> str:
         return f.read(max_chars) if max_chars else f.read()
 
 
-def lm_chunks(tokenizer, split: str, seq_len: int, num_chunks: int, seed: int = 0, offset: int = 0) -> torch.Tensor:
-    """[num_chunks, seq_len] token windows of a WikiText-2 split; chunk ``offset..offset+num_chunks`` of a
-    seeded order of the first windows (disjoint sets for different offsets)."""
+def lm_chunks(tokenizer, split: str, seq_len: int, num_chunks: int, seed: int = 0, offset: int = 0,
+              corpus: str = "wikitext") -> torch.Tensor:
+    """[num_chunks, seq_len] token windows of a WikiText-2 split (or of the XSum training split); chunk
+    ``offset..offset+num_chunks`` of a seeded order of the first windows (disjoint sets for different offsets)."""
     need = (offset + num_chunks) * seq_len
-    chars = max(need * 8, 20_000)
-    text = wikitext_text(split, chars)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if corpus == "xsum":
+        ids = xsum_train_ids(tokenizer, seed)
+    elif corpus == "wikitext":
+        text = wikitext_text(split, max(need * 8, 20_000))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        raise DataError(f"unknown training corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
     windows = len(ids) // seq_len
     if windows < offset + num_chunks:
-        raise DataError(f"WikiText-2 {split}: only {windows} windows of {seq_len} tokens, asked for "
+        raise DataError(f"{corpus} {split}: only {windows} windows of {seq_len} tokens, asked for "
                         f"{offset + num_chunks}")
     order = list(range(windows))
     random.Random(seed).shuffle(order)
@@ -113,14 +127,57 @@ def _xsum_all(path: str, mtime: float) -> tuple[XSumExample, ...]:
     return tuple(out)
 
 
-def xsum_examples(n: int, seed: int = 0, path: str | Path | None = None) -> list[XSumExample]:
+def _xsum_permuted(seed: int, path: str | Path | None) -> list[XSumExample]:
     sdist = Path(path) if path is not None else bigbench_sdist_path()
     if not sdist.is_file():
         raise DataError(f"{sdist}: BIG-bench sdist not found")
     examples = list(_xsum_all(str(sdist), sdist.stat().st_mtime))
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:n]]
+    return [examples[i] for i in order]
+
+
+def xsum_examples(n: int, seed: int = 0, path: str | Path | None = None) -> list[XSumExample]:
+    """The fixed test subset: the first ``n`` (<= ``XSUM_TEST_POOL``) of the seeded permutation."""
+    if n > XSUM_TEST_POOL:
+        raise DataError(f"at most {XSUM_TEST_POOL} XSum test examples (the rest is the training split), got {n}")
+    return _xsum_permuted(seed, path)[:n]
+
+
+def xsum_train_examples(seed: int = 0, path: str | Path | None = None) -> list[XSumExample]:
+    """The training split: the examples of the permutation after the test pool (disjoint from every test subset
+    of the same seed)."""
+    return _xsum_permuted(seed, path)[XSUM_TEST_POOL:]
+
+
+def xsum_train_ids(tokenizer, seed: int = 0, path: str | Path | None = None) -> list[int]:
+    """The training split as one token stream: chat-formatted prompt (as in generation), summary, EOS."""
+    from consistentee.generation.generate import format_prompts
+
+    eos = tokenizer.eos_token or ""
+    texts = [format_prompts(tokenizer, [xsum_prompt(tokenizer, ex.article, XSUM_TRAIN_ARTICLE_TOKENS)])[0]
+             + ex.summary + eos for ex in xsum_train_examples(seed, path)]
+    return [t for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in ids]
+
+
+_TOP_TOKENS: dict[str, list[int]] = {}
+#: WikiText-2 train characters counted for the token frequencies (about a quarter of the split)
+TOP_TOKENS_CHARS = 3_000_000
+
+
+def top_tokens(tokenizer, n: int) -> torch.Tensor:
+    """The ``n`` most frequent token ids of WikiText-2 train (FR-Spec's reduced head), always including the
+    tokenizer's EOS / end-of-turn tokens so that an exit can stop the text."""
+    from consistentee.generation.generate import _eos_ids
+
+    key = str(getattr(tokenizer, "name_or_path", id(tokenizer)))
+    if key not in _TOP_TOKENS:
+        ids = tokenizer(wikitext_text("train", TOP_TOKENS_CHARS), add_special_tokens=False)["input_ids"]
+        counts = torch.bincount(torch.tensor(ids, dtype=torch.long))
+        _TOP_TOKENS[key] = counts.argsort(descending=True, stable=True)[: int((counts > 0).sum())].tolist()
+    special = sorted(_eos_ids(tokenizer))
+    ranked = [t for t in _TOP_TOKENS[key] if t not in special]
+    return torch.tensor(special + ranked[: max(n - len(special), 0)], dtype=torch.long)
 
 
 def xsum_prompt(tokenizer, article: str, max_article_tokens: int) -> str:

@@ -4,15 +4,20 @@ The pretrained model's own modules are reused (embeddings, each layer's norms / 
 LM head); only the loop over layers, the attention call and the KV cache are ours, so that a token can stop
 after any layer and the strategy for the skipped layers' K/V (:mod:`.kv`) is explicit.
 
-Exit heads share the LM head and the final norm (METHOD.md section 7, DECISION): exit ``l`` is
+Exit heads share the LM head and the final norm (docs/method.md section 7, DECISION): exit ``l`` is
 ``lm_head(norm_l(h) + adapter_l(norm_l(h)))`` with its own RMSNorm weight (initialised from the final norm)
 and a zero-initialised low-rank adapter. The last layer's exit is the unchanged model. The policy of layer
 ``l`` is a d -> 32 -> 1 MLP on the parameter-free RMS-normalised hidden state: deciding costs no LM-head
 projection (on SmolLM2-135M one LM-head projection costs as much as 8 layers).
 
-An optional LoRA on the backbone's projections (:mod:`.lora`, trained with the exit heads in stage 1) is part of
-the saved exits: its rank, alpha and targets go into the exits config and :meth:`EarlyExitLM.load_exits`
-re-creates the adapters before loading their weights.
+An optional LoRA on the backbone's projections (:mod:`.lora`, peft, trained with the exit heads in stage 1) is
+part of the saved exits: in peft's format in ``adapter/`` of the exits directory, its rank, alpha and targets in
+the exits config; :meth:`EarlyExitLM.load_exits` re-creates the adapters and loads them, and merges them into
+the weights for inference when asked.
+
+A reduced vocabulary (:meth:`EarlyExitLM.set_draft_vocab`, FR-Spec) makes exit checks and drafts project onto
+the N most frequent tokens only; the last layer (the full model, and the verification of lossless drafts)
+always uses the full head.
 
 Sliding-window attention (Mistral) is not applied: exact only for sequences shorter than the window.
 """
@@ -29,11 +34,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from consistentee.generation.lora import LoRAConfig, add_lora, has_lora
+from consistentee.generation.lora import LoRAConfig, add_lora, has_lora, load_lora_weights, save_lora
 from consistentee.utils.io import atomic_directory
 
 EXITS_CONFIG = "exits_config.json"
 EXITS_WEIGHTS = "exits.safetensors"
+LORA_DIR = "adapter"
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -122,6 +128,10 @@ class LayerCache:
         self.pad = torch.zeros(batch, capacity, dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
         self.pend: Tensor | None = None
+        #: token-layers executed through this cache (honest compute accounting of recomputed slots)
+        self.work = 0
+        #: when set (:meth:`keep_final`), the last layer's output of every slot it processes
+        self.final: Tensor | None = None
 
     # -- capacity
     def _grow(self, needed: int) -> None:
@@ -139,7 +149,15 @@ class LayerCache:
         self.pad, self.pos = widen(self.pad, 1), widen(self.pos, 1)
         if self.pend is not None:
             self.pend = widen(self.pend, 1)
+        if self.final is not None:
+            self.final = widen(self.final, 1)
         self.capacity = new
+
+    def keep_final(self) -> None:
+        """Keep the last layer's output of every slot (lossless verification reads the states of slots that
+        were completed together with a deeper token)."""
+        if self.final is None:
+            self.final = torch.zeros(self.batch, self.capacity, self.hidden, dtype=self.dtype, device=self.device)
 
     def append(self, pad_new: Tensor) -> int:
         """Reserve slots for ``pad_new.shape[1]`` new tokens; returns the first slot."""
@@ -189,6 +207,7 @@ class LayerCache:
         other.n = list(self.n)
         other.pad, other.pos = self.pad.clone(), self.pos.clone()
         other.pend = None if self.pend is None else self.pend.clone()
+        other.final = None if self.final is None else self.final.clone()
         return other
 
     def select_rows(self, rows: Tensor) -> LayerCache:
@@ -198,6 +217,7 @@ class LayerCache:
         other.v = [x[rows] for x in other.v]
         other.pad, other.pos = other.pad[rows], other.pos[rows]
         other.pend = None if other.pend is None else other.pend[rows]
+        other.final = None if other.final is None else other.final[rows]
         return other
 
 
@@ -207,6 +227,9 @@ class StepOutput:
     exit_layer: Tensor  # [B] long, 1..L
     layers_run: int  # layers the batch executed (the last row's exit, L for `full`)
     head_calls: int = 0  # exit-head (LM-head) projections spent on deciding
+    checks: int = 0  # rule decisions asked (batch rows x exit layers reached)
+    exit_head_rows: int = 0  # rows projected by an exit head (reduced vocabulary when set): checks and exits
+    full_head_rows: int = 0  # rows projected by the full model's head (tokens that reached layer L)
 
 
 class EarlyExitLM(nn.Module):
@@ -242,6 +265,10 @@ class EarlyExitLM(nn.Module):
         self.policies.to(base.device, base.dtype)
         self.lora: LoRAConfig | None = None
         self.lora_params: dict[str, nn.Parameter] = {}
+        self.lora_merged = False
+        object.__setattr__(self, "peft", None)  # the PeftModel wrapper (not a submodule: base holds the weights)
+        self.draft_vocab: Tensor | None = None
+        self._draft_weight: Tensor | None = None
 
     # -- properties
     @property
@@ -253,22 +280,38 @@ class EarlyExitLM(nn.Module):
         return self.norm.weight.dtype
 
     def trainable_modules(self) -> nn.ModuleDict:
-        """What training changes and the exits directory holds (the LoRA factors only when there is a LoRA)."""
-        parts = {"heads": self.heads, "policies": self.policies}
-        if self.lora_params:
-            parts["lora"] = nn.ParameterDict(self.lora_params)
-        return nn.ModuleDict(parts)
+        """Exit heads and policies: what ``exits.safetensors`` holds (a LoRA is saved apart, in peft's format)."""
+        return nn.ModuleDict({"heads": self.heads, "policies": self.policies})
 
     def add_lora(self, lora: LoRAConfig) -> list[nn.Parameter]:
-        """Put a LoRA on the backbone (see :func:`.lora.add_lora`); returns its parameters, trainable."""
-        if self.lora is not None and self.lora != lora:
-            raise ValueError(f"the model already has a LoRA {self.lora}, asked for {lora}")
+        """Put a LoRA on the backbone (peft, :func:`.lora.add_lora`); returns its parameters, trainable.
+        Asking again for the same LoRA returns the existing adapters."""
+        if self.lora is not None:
+            if self.lora != lora:
+                raise ValueError(f"the model already has a LoRA {self.lora}, asked for {lora}")
+            return list(self.lora_params.values())
+        wrapper, self.lora_params = add_lora(self.base, lora)
+        object.__setattr__(self, "peft", wrapper)
         self.lora = lora
-        self.lora_params = add_lora(self.base, lora.rank, lora.alpha, lora.targets)
-        params = list(self.lora_params.values())
-        for p in params:
-            p.requires_grad_(True)
-        return params
+        return list(self.lora_params.values())
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the backbone's weights (inference: no adapter cost per token). The model
+        can no longer be trained or saved afterwards."""
+        if self.peft is None or self.lora_merged:
+            return
+        self.peft.merge_and_unload()
+        self.lora_params = {}
+        self.lora_merged = True
+
+    def set_draft_vocab(self, token_ids: Tensor | None) -> None:
+        """Exit checks and drafts over these tokens only (None: the full vocabulary again)."""
+        if token_ids is None:
+            self.draft_vocab = self._draft_weight = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).unique()
+        self.draft_vocab = ids
+        self._draft_weight = self.lm_head.weight.detach()[ids].contiguous()
 
     # -- building blocks
     def embed(self, ids: Tensor) -> Tensor:
@@ -315,10 +358,24 @@ class EarlyExitLM(nn.Module):
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def head_logits(self, layer: int, h: Tensor) -> Tensor:
-        """Logits of exit ``layer`` (1-based); layer L is the unchanged model."""
+        """Logits of exit ``layer`` (1-based) over the full vocabulary; layer L is the unchanged model."""
         if layer == self.num_layers:
             return self.lm_head(self.norm(h))
         return self.lm_head(self.heads[str(layer)](h, self.norm.weight))
+
+    def exit_logits(self, layer: int, h: Tensor) -> Tensor:
+        """Logits for exit checks and drafts: over the reduced vocabulary when one is set (index j is token
+        ``draft_vocab[j]``; map with :meth:`to_full_vocab`), else :meth:`head_logits`. Layer L: always full."""
+        if self._draft_weight is None or layer == self.num_layers:
+            return self.head_logits(layer, h)
+        return F.linear(self.heads[str(layer)](h, self.norm.weight), self._draft_weight)
+
+    def to_full_vocab(self, logits: Tensor) -> Tensor:
+        """Logits of :meth:`exit_logits` as full-vocabulary logits (-inf for tokens outside the reduced set)."""
+        if self.draft_vocab is None or logits.shape[-1] == self.lm_head.out_features:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.lm_head.out_features), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab, logits)
 
     def policy_prob(self, layer: int, h: Tensor) -> Tensor:
         return self.policies[str(layer)](h)
@@ -336,6 +393,9 @@ class EarlyExitLM(nn.Module):
             x = torch.cat([cache.pend[:, s:t0], x], dim=1)
         cos, sin = cos_all[:, s - lo:t0 + q - lo], sin_all[:, s - lo:t0 + q - lo]
         out = self.layer(i, x, cos, sin, cache.mask(s, t0 + q), cache, s)
+        cache.work += out.shape[1]
+        if cache.final is not None and i == self.num_layers - 1:
+            cache.final[:, s:t0 + q] = out
         if s < t0:
             cache.pend[:, s:t0] = out[:, : t0 - s]
             out = out[:, t0 - s:]
@@ -371,7 +431,7 @@ class EarlyExitLM(nn.Module):
         logits: Tensor | None = None
         prev = h
         layers_done = 0
-        head_calls = 0
+        head_calls = checks = exit_rows = 0
         any_exited = False
         if rule is not None:
             rule.start_step(b)
@@ -383,27 +443,33 @@ class EarlyExitLM(nn.Module):
             layers_done = i + 1
             if rule is not None and layers_done < L and layers_done in self.exit_set:
                 decision, rule_logits = rule.decide(self, layers_done, h[:, 0], prev[:, 0])
+                checks += b
                 if rule_logits is not None:
                     head_calls += 1
+                    exit_rows += b
                 new = decision & ~exited
                 if bool(new.any()):
                     any_exited = True
                     exit_layer[new] = layers_done
                     exited = exited | new
+                    if rule_logits is None:
+                        exit_rows += int(new.sum())
                     row_logits = rule_logits[new] if rule_logits is not None else \
-                        self.head_logits(layers_done, h[new][:, 0])
+                        self.exit_logits(layers_done, h[new][:, 0])
+                    row_logits = self.to_full_vocab(row_logits)
                     if logits is None:
                         logits = torch.empty(b, row_logits.shape[-1], dtype=row_logits.dtype, device=ids.device)
                     logits[new] = row_logits
             prev = h
-        if not bool(exited.all()):
+        full_rows = int((~exited).sum())
+        if full_rows:
             final = self.head_logits(L, h[~exited][:, 0])
             if logits is None:
                 logits = torch.empty(b, final.shape[-1], dtype=final.dtype, device=ids.device)
             logits[~exited] = final
         if layers_done < L:
             kv.after_exit(self, cache, layers_done, h, t0)
-        return StepOutput(logits, exit_layer, layers_done, head_calls)
+        return StepOutput(logits, exit_layer, layers_done, head_calls, checks, exit_rows, full_rows)
 
     # -- parallel (training / perplexity) pass
     def causal_mask(self, attention_mask: Tensor) -> Tensor:
@@ -418,6 +484,8 @@ class EarlyExitLM(nn.Module):
 
     # -- persistence of the trainable parts
     def save_exits(self, directory: str | Path, extra: dict | None = None) -> None:
+        if self.lora_merged:
+            raise ValueError("the LoRA is merged into the weights: save the exits before merge_lora()")
         with atomic_directory(directory) as tmp:
             state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_modules().state_dict().items()}
             save_file(state, str(tmp / EXITS_WEIGHTS))
@@ -425,10 +493,12 @@ class EarlyExitLM(nn.Module):
                     "num_layers": self.num_layers, **(extra or {})}
             if self.lora is not None:
                 meta["lora"] = self.lora.to_json()
+                save_lora(self.peft, tmp / LORA_DIR)
             (tmp / EXITS_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load_exits(cls, directory: str | Path, base: nn.Module) -> EarlyExitLM:
+    def load_exits(cls, directory: str | Path, base: nn.Module, merge: bool = False) -> EarlyExitLM:
+        """The exits (and LoRA) saved in ``directory`` on ``base``; ``merge``: fold the LoRA into the weights."""
         directory = Path(directory)
         try:
             meta = json.loads((directory / EXITS_CONFIG).read_text(encoding="utf-8"))
@@ -443,9 +513,13 @@ class EarlyExitLM(nn.Module):
         elif has_lora(base):  # its adapters would silently stay active
             raise ValueError(f"{directory}: exits trained without LoRA, but the base model carries one")
         model.load_exit_weights(directory)
+        if merge:
+            model.merge_lora()
         return model
 
     def load_exit_weights(self, directory: str | Path) -> None:
         """Load a saved exits directory's weights into this model (same exits and LoRA configuration)."""
         state = load_file(str(Path(directory) / EXITS_WEIGHTS), device=str(self.device))
         self.trainable_modules().load_state_dict(state)
+        if self.lora is not None:
+            load_lora_weights(self.peft, Path(directory) / LORA_DIR)

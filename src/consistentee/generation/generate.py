@@ -3,10 +3,18 @@
 ``generate(model, tokenizer, prompts, config)``: greedy or sampling (temperature, top-p), stop strings,
 max new tokens, streaming callback, batches with per-row exits (left padding), the tokenizer's chat template
 when it has one, and a lossless self-speculative mode (greedy only): the early-exit path drafts
-``draft_tokens`` tokens, one full-depth pass verifies them all, and the output equals the full model's.
+``draft_tokens`` tokens, one pass verifies them all, and the output equals the full model's.
+
+Lossless drafting keeps the K/V the drafts computed: a draft that exits at layer e leaves layers e+1..L missing
+for its slot (``recompute``), and the verification pass runs, per layer, only the slots that still lack it
+(the drafted ones above their exit, plus the last draft) as one block. With a static drafter at layer d,
+verification of k drafts costs k+1 tokens through layers d+1..L plus the last draft's first d layers.
 
 The prompt minus its last token is prefilled at full depth; every new token (the first included) comes from a
-decoding step under the exit rule.
+decoding step under the exit rule. ``GenerationResult.seconds`` times the decoding loop only (no prefill, no
+tokenizer look-ups, no detokenisation), like the decode-only clock of the benchmark's other rows;
+``cpu_seconds`` is the calling thread's CPU time over the same loop (with one torch thread, a clock that other
+jobs on a shared machine do not inflate).
 """
 
 from __future__ import annotations
@@ -39,8 +47,12 @@ class GenerationConfig:
     kv: str = field(default="propagate", metadata={"help": "K/V for the skipped layers of an exited token",
                                                    "choices": tuple(KV_STRATEGIES)})
     lossless: bool = field(default=False, metadata={
-        "help": "self-speculative: early exits draft, full depth verifies (greedy output equals the full model)"})
+        "help": "self-speculative: the rule's exits draft (their first layers' K/V kept), one pass verifies "
+                "(greedy output equals the full model; --kv does not apply)"})
     draft_tokens: int = field(default=4, metadata={"help": "tokens drafted per verification in --lossless"})
+    draft_vocab: int = field(default=0, metadata={
+        "help": "exit checks and drafts project onto the N most frequent tokens of the training corpus "
+                "(0: full vocabulary); the last layer always uses the full head"})
     chat: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template if it has one"})
     seed: int = field(default=0, metadata={"help": "seed of the sampling generator"})
 
@@ -55,6 +67,8 @@ class GenerationConfig:
             raise ValueError("lossless mode is greedy only (drop --do-sample)")
         if self.draft_tokens < 1:
             raise ValueError(f"draft_tokens must be >= 1, got {self.draft_tokens}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab must be >= 0, got {self.draft_vocab}")
         make_kv_strategy(self.kv)
 
 
@@ -63,12 +77,24 @@ class GenerationResult:
     texts: list[str]
     token_ids: list[list[int]]
     exit_layers: list[list[int]]  # per generated token (drafted tokens' exits in lossless mode)
-    seconds: float
+    seconds: float  # the decoding loop only (wall clock)
     layers_run: int = 0  # sum over steps of layers the batch executed
     steps: int = 0
     head_calls: int = 0
     accepted: int = 0  # lossless: drafted tokens accepted
     drafted: int = 0
+    token_layers: int = 0  # decoder layers run, summed over tokens (counts recomputed / verified slots)
+    checks: int = 0  # exit-rule decisions (rows x layers)
+    exit_head_rows: int = 0  # exit-head projections (reduced vocabulary when set)
+    full_head_rows: int = 0  # full-head projections (tokens at layer L, lossless verification)
+    cpu_seconds: float = 0.0  # CPU time of the calling thread in the loop (with 1 torch thread: all the work)
+
+    def add_step(self, out) -> None:
+        self.layers_run += out.layers_run
+        self.head_calls += out.head_calls
+        self.checks += out.checks
+        self.exit_head_rows += out.exit_head_rows
+        self.full_head_rows += out.full_head_rows
 
 
 def format_prompts(tokenizer, prompts: Sequence[str], chat: bool = True) -> list[str]:
@@ -187,26 +213,40 @@ def generate(model: EarlyExitLM, tokenizer, prompts: str | Sequence[str], cfg: G
         raise ValueError("no prompts")
     if rule == "from-config":
         rule = make_rule(cfg.rule, cfg.knob)
+    apply_draft_vocab(model, tokenizer, cfg.draft_vocab)
     ids, mask = encode(tokenizer, format_prompts(tokenizer, prompts, cfg.chat), model.device)
     return generate_ids(model, tokenizer, ids, mask, cfg, rule, stop=stop, on_text=on_text)
+
+
+def apply_draft_vocab(model: EarlyExitLM, tokenizer, n: int) -> None:
+    """Give the model the reduced exit vocabulary of ``n`` tokens (0: the full one), unless it has it."""
+    if n == 0:
+        model.set_draft_vocab(None)
+    elif model.draft_vocab is None or model.draft_vocab.numel() != n:
+        from consistentee.generation.data import top_tokens
+
+        model.set_draft_vocab(top_tokens(tokenizer, n))
 
 
 @torch.no_grad()
 def generate_ids(model: EarlyExitLM, tokenizer, ids: Tensor, mask: Tensor, cfg: GenerationConfig,
                  rule: TokenExitRule | None, stop: Sequence[str] = (),
                  on_text: Callable[[int, str], None] | None = None,
-                 prefilled: tuple[LayerCache, Tensor] | None = None) -> GenerationResult:
-    """Generate from token ids (left-padded); ``prefilled`` = (cache, last token) skips the prefill."""
-    start = time.perf_counter()
+                 prefilled: tuple[LayerCache, Tensor] | None = None,
+                 eos: set[int] | None = None) -> GenerationResult:
+    """Generate from token ids (left-padded); ``prefilled`` = (cache, last token) skips the prefill; ``eos``:
+    the stop ids when the caller has them (the tokenizer look-up is slow). Only the loop is timed."""
     cache, last = prefilled if prefilled is not None else prefill(model, ids, mask)
-    rows = _Rows(tokenizer, ids.shape[0], _eos_ids(tokenizer), stop, cfg.max_new_tokens, on_text)
+    rows = _Rows(tokenizer, ids.shape[0], _eos_ids(tokenizer) if eos is None else eos, stop, cfg.max_new_tokens,
+                 on_text)
+    start, cpu = time.perf_counter(), time.thread_time()
     if cfg.lossless:
         result = _lossless(model, cache, last, cfg, rule, rows)
     else:
         result = _decode(model, cache, last, cfg, rule, rows)
+    result.seconds, result.cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu
     result.texts = rows.finish()
     result.token_ids, result.exit_layers = rows.ids, rows.exits
-    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -215,55 +255,60 @@ def _decode(model, cache, last, cfg, rule, rows: _Rows) -> GenerationResult:
     generator = torch.Generator(device=model.device).manual_seed(cfg.seed) if cfg.do_sample else None
     res = GenerationResult([], [], [], 0.0)
     eos_fill = next(iter(rows.eos)) if rows.eos else 0
+    work = cache.work
     for _ in range(cfg.max_new_tokens):
         out = model.step(cache, last, rule, kv)
         tokens = choose_tokens(out.logits, cfg, generator)
         res.steps += 1
-        res.layers_run += out.layers_run
-        res.head_calls += out.head_calls
+        res.add_step(out)
         for row, (tok, e) in enumerate(zip(tokens.tolist(), out.exit_layer.tolist(), strict=True)):
             rows.add(row, tok, e)
         if all(rows.done):
             break
         done = torch.tensor(rows.done, device=tokens.device)
         last = torch.where(done, torch.full_like(tokens, eos_fill), tokens).unsqueeze(1)
+    res.token_layers = cache.work - work
     return res
 
 
-def _lossless(model, cache, last, cfg, rule, rows: _Rows) -> GenerationResult:
+def _lossless(model: EarlyExitLM, cache: LayerCache, last: Tensor, cfg: GenerationConfig,
+              rule: TokenExitRule | None, rows: _Rows) -> GenerationResult:
+    """Self-speculative greedy decoding whose output is the full model's (module docstring)."""
     if last.shape[0] != 1:
         raise ValueError("lossless mode supports batch size 1 (one prompt at a time)")
-    kv = make_kv_strategy(cfg.kv)
+    kv = make_kv_strategy("recompute")  # drafts leave their deep layers to the verification pass
+    cache.keep_final()
     res = GenerationResult([], [], [], 0.0)
     L = model.num_layers
+    work = cache.work
     x = last
     while not rows.done[0]:
-        committed = cache.t
+        committed = cache.t  # every layer is complete up to here; slot `committed` is x's
         drafts: list[int] = []
         draft_exits: list[int] = []
         tok = x
         room = cfg.max_new_tokens - len(rows.ids[0])
         for _ in range(min(cfg.draft_tokens, max(room - 1, 0))):
             out = model.step(cache, tok, rule, kv)
-            res.layers_run += out.layers_run
-            res.head_calls += out.head_calls
+            res.add_step(out)
             d = int(out.logits.argmax(-1))
             drafts.append(d)
             draft_exits.append(int(out.exit_layer[0]))
+            tok = torch.tensor([[d]], device=x.device)
             if d in rows.eos:
                 break
-            tok = torch.tensor([[d]], device=x.device)
-        cache.truncate(committed)
-        verify = torch.cat([x, torch.tensor([drafts], dtype=x.dtype, device=x.device)], dim=1) if drafts else x
-        h = model.forward_tokens(cache, verify)
-        greedy = model.head_logits(L, h[0]).argmax(-1).tolist()
-        res.layers_run += L
+        # verification: the last draft (x when nothing was drafted) goes through every layer, and with it,
+        # layer by layer, the drafted slots above their exits; their first layers' K/V are kept
+        model.forward_tokens(cache, tok)
+        k = len(drafts)
+        greedy = model.head_logits(L, cache.final[0, committed:committed + k + 1]).argmax(-1).tolist()
+        res.full_head_rows += k + 1
         res.steps += 1
         a = 0
-        while a < len(drafts) and drafts[a] == greedy[a]:
+        while a < k and drafts[a] == greedy[a]:
             a += 1
         res.accepted += a
-        res.drafted += len(drafts)
+        res.drafted += k
         new = drafts[:a] + [greedy[a]]
         exits = draft_exits[:a] + [L]
         cache.truncate(committed + a + 1)
@@ -272,4 +317,5 @@ def _lossless(model, cache, last, cfg, rule, rows: _Rows) -> GenerationResult:
             if rows.done[0]:
                 break
         x = torch.tensor([[new[-1]]], device=x.device)
+    res.token_layers = cache.work - work
     return res

@@ -1,4 +1,4 @@
-"""What the deeper layers get as keys/values for a token that exited early (METHOD.md section 7).
+"""What the deeper layers get as keys/values for a token that exited early (docs/method.md section 7).
 
 Three named, swappable strategies behind one interface (:class:`KVStrategy`):
 

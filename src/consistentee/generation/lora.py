@@ -1,20 +1,26 @@
-"""Optional LoRA on the decoder's backbone (no dependency on peft).
+"""Optional LoRA on the decoder's backbone, through peft.
 
-Exit heads alone cannot make a shallow hidden state predict the next token well when the backbone is frozen;
-a low-rank update of chosen projections in every decoder layer lets stage 1 adapt the backbone a little while
-its pretrained weights stay untouched (B starts at zero, so the wrapped model starts as the original one).
+Exit heads alone cannot make a shallow hidden state predict the next token well when the backbone is frozen
+(LayerSkip: the backbone must be trained for its exits); a low-rank update of chosen projections in every
+decoder layer lets stage 1 adapt it while the pretrained weights stay untouched (peft starts B at zero, so the
+wrapped model starts as the original one). Adapters are saved in peft's own format (``adapter_config.json`` +
+``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``) and merged into the weights for
+inference, so that generation pays nothing for them.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from safetensors.torch import load_file
+from torch import nn
 
 #: projections a target may name, in the attention block or the MLP of a Llama-family decoder layer
-_BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: peft's weights file inside an adapter directory
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,12 @@ class LoRAConfig:
     def to_json(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
 
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets),
+                          lora_dropout=0.0, bias="none")
+
 
 def parse_targets(text: str) -> tuple[str, ...]:
     """``"q_proj,v_proj"`` -> ("q_proj", "v_proj"), checked."""
@@ -43,72 +55,46 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def check_targets(targets: tuple[str, ...]) -> None:
-    unknown = [t for t in targets if t not in _BLOCKS]
+    unknown = [t for t in targets if t not in TARGETS]
     if not targets or unknown:
-        raise ValueError(f"LoRA targets must be a non-empty subset of {sorted(_BLOCKS)}, got {list(targets)}")
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + (x A^T B^T) * alpha / r`` with the base linear frozen; B = 0 at the start (exact base)."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.rank, self.alpha = rank, alpha
-        self.scale = alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.normal_(self.lora_A, std=base.in_features ** -0.5)
-        base.requires_grad_(False)
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> Tensor:
-        """The base weight (HF code and our layer loop sometimes read ``.weight``, e.g. for its dtype)."""
-        return self.base.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
-
-
-def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
-    return base_model.model.layers
-
-
-def add_lora(base_model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] | list[str],
-             ) -> dict[str, nn.Parameter]:
-    """Wrap the ``targets`` projections of every decoder layer of an HF causal LM in :class:`LoRALinear`.
-
-    Returns the LoRA parameters by a stable name (``"{layer}_{target}_A"`` / ``_B``). A projection that already
-    carries an adapter with the same rank and alpha is kept (reloading exits onto the base they were trained on);
-    a different one is an error.
-    """
-    cfg = LoRAConfig(rank, alpha, tuple(targets))
-    params: dict[str, nn.Parameter] = {}
-    for i, layer in enumerate(decoder_layers(base_model)):
-        for target in cfg.targets:
-            block = getattr(layer, _BLOCKS[target])
-            module = getattr(block, target)
-            if isinstance(module, LoRALinear):
-                if (module.rank, module.alpha) != (cfg.rank, cfg.alpha):
-                    raise ValueError(f"layer {i} {target} already has a LoRA of rank {module.rank}, alpha "
-                                     f"{module.alpha}; asked for rank {cfg.rank}, alpha {cfg.alpha}")
-            elif isinstance(module, nn.Linear):
-                module = LoRALinear(module, cfg.rank, cfg.alpha)
-                setattr(block, target, module)
-            else:
-                raise ValueError(f"layer {i} {target} is a {type(module).__name__}, not a linear layer")
-            params[f"{i}_{target}_A"], params[f"{i}_{target}_B"] = module.lora_A, module.lora_B
-    return params
+        raise ValueError(f"LoRA targets must be a non-empty subset of {sorted(TARGETS)}, got {list(targets)}")
 
 
 def has_lora(base_model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in base_model.modules())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in base_model.modules())
+
+
+def add_lora(base_model: nn.Module, cfg: LoRAConfig):
+    """peft adapters on ``base_model`` (modified in place; its own weights stay frozen and unchanged).
+
+    Returns the ``PeftModel`` wrapper (needed to save and merge) and the adapter parameters by name."""
+    from peft import get_peft_model
+
+    if has_lora(base_model):
+        raise ValueError("the base model already carries a LoRA (load the exits onto a fresh base model)")
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        wrapper = get_peft_model(base_model, cfg.peft_config())
+    params = {name: p for name, p in base_model.named_parameters() if "lora_" in name}
+    for p in params.values():
+        p.requires_grad_(True)
+    return wrapper, params
+
+
+def save_lora(wrapper, directory: str | Path) -> None:
+    """peft's format: ``directory/adapter_config.json`` and ``adapter_model.safetensors``."""
+    wrapper.save_pretrained(str(directory))
+
+
+def load_lora_weights(wrapper, directory: str | Path) -> None:
+    """Adapter weights saved by :func:`save_lora` into an adapter of the same configuration."""
+    from peft import set_peft_model_state_dict
+
+    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(wrapper, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{directory}: adapter does not match the model's LoRA (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]})")

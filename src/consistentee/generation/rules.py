@@ -1,7 +1,8 @@
-"""Token-level exit rules for generation, behind one interface (BASELINES.md, decoder peers).
+"""Token-level exit rules for generation, behind one interface (docs/exit-rules.md, decoder peers).
 
 A rule is asked at every exit layer ``l < L`` whether each row's current token stops there. Rules that need
-the exit head's distribution (CALM's confidence measures) pay one LM-head projection per check; the
+the exit head's distribution (CALM's confidence measures) pay one exit-head projection per check (onto the
+reduced vocabulary when the model has one, :meth:`.decoder.EarlyExitLM.set_draft_vocab`); the
 ConsistentEE policy and hidden-state saturation read the hidden state only.
 
 Every rule also has an offline form (:meth:`TokenExitRule.decide_offline`) over per-exit features computed in
@@ -79,7 +80,7 @@ class ConfidenceRule(TokenExitRule):
         self.name = f"confidence-{'maxprob' if measure == 'max_prob' else 'gap'}"
 
     def decide(self, model, layer, h, prev):
-        logits = model.head_logits(layer, h)
+        logits = model.exit_logits(layer, h)  # the reduced vocabulary when the model has one
         return confidence(logits, self.measure) >= self.knob, logits
 
     def decide_offline(self, features, exit_layers):

@@ -1,15 +1,19 @@
-"""Per-token ConsistentEE training for decoder-only LMs (METHOD.md section 7), backbone frozen by default.
+"""Per-token ConsistentEE training for decoder-only LMs (docs/method.md section 7), backbone frozen by default.
 
-* Stage 1: exit heads on WikiText-2 train with the weighted per-exit CE sum_l l * CE_l / sum_l l on the shifted
-  targets (position t predicts token t+1); CE on ``head_positions`` sampled positions per sequence to bound
-  the LM-head cost.
+* Stage 1: exit heads on WikiText-2 train (or the XSum training split, ``corpus``) with the weighted per-exit CE
+  sum_l l * CE_l / sum_l l on the shifted targets (position t predicts token t+1); CE on ``head_positions``
+  sampled positions per sequence to bound the LM-head cost, or on every position (``head_positions=0``, the
+  LayerSkip early-exit loss), optionally plus ``exit_kl`` times the KL from the last layer's distribution; with
+  ``layer_dropout`` > 0 each sequence skips layer l with probability p * (2^(l/(L-1)) - 1) (LayerSkip).
 * Memorized layer per token (after stage 1, once): the shallowest exit l such that exits l..L all predict the
   target; L when the last exit is wrong. Kept keyed by (chunk index, position).
 * Stage 2: the per-token policy with REINFORCE, K rollouts per sequence, group baseline per (sequence,
-  position), reward log q_e(target_{t+1}) - beta * w * e (w = 1 - m/L, or 1 with ``reward=cost``).
+  position), reward quality - beta * w * e, w = f + (1 - f)(1 - m/L) with the floor f = ``hardness_floor``
+  (f = 0: the paper's form, whose cost vanishes for every token memorized only at the last layer, most tokens
+  of a language model), or w = 1 with ``reward=cost``.
 * Stage 3: exit heads trained at the exits the policy takes.
 
-With ``lora_rank > 0`` a LoRA on the backbone (:mod:`.lora`) is trained in stage 1 only, with the exit heads
+With ``lora_rank > 0`` a LoRA on the backbone (:mod:`.lora`, peft) is trained in stage 1 only, with the exit heads
 (same optimizer and learning rate); the loss then also has the last layer's term L * CE_L (the full model is no
 longer fixed, and this keeps it a good LM). Stages 2 and 3 keep it fixed, so the memorized layers and the
 policies see the backbone the heads were fitted to. The pretrained weights are never changed.
@@ -17,7 +21,7 @@ policies see the backbone the heads were fitted to. The pretrained weights are n
 Exits in training follow inference: a token that exits at layer e keeps its state e for the deeper layers
 (with ``kv=propagate`` the deeper layers' K/V come from it; ``full``/``recompute`` let it keep computing).
 Policy and reward are indexed by the position whose hidden state decided, and that position's target is the
-next token (METHOD.md section 8: the authors' code was off by one here).
+next token (docs/method.md section 8: the authors' code was off by one here).
 
 Resumes at stage granularity: each finished stage is a saved exits directory in the run directory; the
 memorized layers are kept in ``memorized.safetensors``.
@@ -49,6 +53,7 @@ from consistentee.training.rl import (
     REWARD_QUALITIES,
     group_baseline_advantage,
     masked_trajectory_log_prob,
+    memorized_hardness_weight,
     sample_exit_actions,
 )
 from consistentee.training.stage1 import shard_steps
@@ -66,7 +71,16 @@ class LMTrainConfig:
     batch_size: int = field(default=4, metadata={
         "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
     stage1_steps: int = field(default=100, metadata={"help": "stage-1 steps (exit heads)"})
-    head_positions: int = field(default=32, metadata={"help": "positions per sequence with an exit-head CE (cost bound)"})
+    head_positions: int = field(default=32, metadata={
+        "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
+    corpus: str = field(default="wikitext", metadata={
+        "help": "training text: WikiText-2 train, or the XSum training split (BIG-bench sdist; never a test "
+                "article)", "choices": ("wikitext", "xsum")})
+    layer_dropout: float = field(default=0.0, metadata={
+        "help": "stage 1: LayerSkip layer dropout, the rate of the last layer (rising exponentially from 0 at "
+                "the first); each sequence skips a layer as a whole"})
+    exit_kl: float = field(default=0.0, metadata={
+        "help": "stage 1: weight of the KL from the last layer's distribution (detached) to each exit's"})
     lr_heads: float = field(default=2e-3, metadata={"help": "learning rate of the exit heads"})
     memorize_chunks: int = field(default=16, metadata={
         "help": "sequences used by stages 2 and 3, all processes together (memorized layers computed once)"})
@@ -74,11 +88,14 @@ class LMTrainConfig:
     rollouts: int = field(default=4, metadata={"help": "rollouts per sequence (group baseline)"})
     lr_policy: float = field(default=3e-3, metadata={"help": "learning rate of the policies"})
     beta: float = field(default=0.05, metadata={"help": "depth cost per layer in the reward"})
-    reward: str = field(default="hardness", metadata={"help": "hardness: -beta*(1-m/L)*e; cost: -beta*e",
+    reward: str = field(default="hardness", metadata={"help": "hardness: -beta*w*e, w = f+(1-f)(1-m/L); cost: -beta*e",
                                                       "choices": ("hardness", "cost")})
+    hardness_floor: float = field(default=0.0, metadata={
+        "help": "floor f of the hardness weight (0: the paper's 1 - m/L, which is 0 when m = L; 1: the cost-only "
+                "form)"})
     reward_quality: str = field(default="correct", metadata={
         "help": "the reward's quality term at the exit: correct (1 when the exit's argmax is the target token) or "
-                "log_prob (log q_e(target), METHOD.md; it punishes confident early mistakes so hard that the "
+                "log_prob (log q_e(target), docs/method.md; it punishes confident early mistakes so hard that the "
                 "policies learn never to exit)", "choices": REWARD_QUALITIES})
     advantage_norm: str = field(default="batch_std", metadata={
         "help": "batch_std: one advantage scale for the global batch; group_std: per (sequence, position) group "
@@ -107,9 +124,16 @@ class LMTrainConfig:
             raise ValueError(f"rollouts must be >= 2 for a group baseline, got {self.rollouts}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        for name in ("seq_len", "batch_size", "head_positions"):
+        for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.head_positions < 0:
+            raise ValueError(f"head_positions must be >= 0, got {self.head_positions}")
+        for name in ("hardness_floor", "layer_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.exit_kl < 0:
+            raise ValueError(f"exit_kl must be >= 0, got {self.exit_kl}")
 
     def lora_config(self) -> LoRAConfig | None:
         """The backbone LoRA, or None for a frozen backbone."""
@@ -140,6 +164,17 @@ def token_rewards(log_q_exit: Tensor, exit_layer: Tensor, weight: Tensor, beta: 
     return (log_q_exit.detach() - beta * weight.to(log_q_exit.dtype) * exit_layer.to(log_q_exit.dtype)).detach()
 
 
+def hardness_weight(memorized: Tensor, num_layers: int, floor: float) -> Tensor:
+    """w = f + (1 - f)(1 - m/L): with f > 0 depth costs something for every token, hard ones least."""
+    return floor + (1.0 - floor) * memorized_hardness_weight(memorized, num_layers)
+
+
+def layer_dropout_rates(num_layers: int, rate: float) -> Tensor:
+    """LayerSkip's per-layer skip probabilities: rate * (2^(i/(L-1)) - 1) for layer i = 0..L-1."""
+    i = torch.arange(num_layers, dtype=torch.float32)
+    return rate * (torch.pow(2.0, i / max(num_layers - 1, 1)) - 1.0)
+
+
 def memorized_layers(exit_preds: Tensor, targets: Tensor, exit_layers: list[int]) -> Tensor:
     """Token-level memorized layer [N, T] from argmax predictions [N, T, n_exits]."""
     correct = exit_preds == targets.unsqueeze(-1)
@@ -156,18 +191,20 @@ def memorized_layers(exit_preds: Tensor, targets: Tensor, exit_layers: list[int]
 
 
 def run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None = None, decide=None,
-                   freeze: bool = True, grad: bool = False) -> tuple[dict[int, Tensor], Tensor]:
+                   freeze: bool = True, grad: bool = False,
+                   skip: Tensor | None = None) -> tuple[dict[int, Tensor], Tensor]:
     """Parallel pass over ids [N, T]. ``decide(layer, h) -> bool [N, T]`` (None: no exits). ``grad``: keep the
-    graph (stage 1 with a backbone LoRA); otherwise no graph is built.
+    graph (stage 1 with a backbone LoRA); otherwise no graph is built. ``skip`` bool [N, L]: sequence n passes
+    layer i unchanged (layer dropout).
 
     Returns ({exit layer: state [N, T, d] at that layer (frozen rows keep their exit state)}, exit layer [N, T]).
     """
     with torch.set_grad_enabled(grad):
-        return _run_with_exits(model, ids, mask, decide, freeze)
+        return _run_with_exits(model, ids, mask, decide, freeze, skip)
 
 
 def _run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None, decide,
-                    freeze: bool) -> tuple[dict[int, Tensor], Tensor]:
+                    freeze: bool, skip: Tensor | None = None) -> tuple[dict[int, Tensor], Tensor]:
     mask = torch.ones_like(ids) if mask is None else mask
     L = model.num_layers
     h = model.embed(ids)
@@ -178,6 +215,8 @@ def _run_with_exits(model: EarlyExitLM, ids: Tensor, mask: Tensor | None, decide
     states: dict[int, Tensor] = {}
     for i in range(L):
         out = model.layer(i, h, cos, sin, attn_mask)
+        if skip is not None:
+            out = torch.where(skip[:, i].view(-1, 1, 1), h, out)
         h = torch.where(exited.unsqueeze(-1), h, out) if freeze else out
         layer = i + 1
         if layer in model.exit_set:
@@ -287,10 +326,10 @@ class Shards:
             all_reduce_grads(self.accelerator, params)
 
     def broadcast_exits(self, model: EarlyExitLM) -> None:
-        """Every process starts from the main process's exit heads and policies."""
+        """Every process starts from the main process's exit heads, policies and LoRA."""
         if self.world > 1:
             with torch.no_grad():
-                for tensor in model.trainable_modules().state_dict().values():
+                for tensor in [*model.trainable_modules().state_dict().values(), *model.lora_params.values()]:
                     broadcast(tensor, from_process=0)
 
     def on_main(self, write: Callable[[], None]) -> None:
@@ -340,22 +379,36 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
     weights = torch.tensor(heads, dtype=torch.float32)
     weights = weights / weights.sum()
     gen = torch.Generator().manual_seed(cfg.seed)
+    drop = layer_dropout_rates(model.num_layers, cfg.layer_dropout)
     losses = []
     for step in range(cfg.stage1_steps):
         batch = chunks[shards.step_rows(step, cfg.batch_size, len(chunks))].to(model.device)
-        states, _ = run_with_exits(model, batch, grad=bool(lora))
-        targets, valid = shifted_targets(batch)
         n, t = batch.shape
-        # positions of every sequence of the global step, drawn in order; this process keeps its rows
-        pos = shards.mine(torch.stack([torch.randperm(t - 1, generator=gen)[: cfg.head_positions]
-                                       for _ in range(n * shards.world)]))
+        skip = None
+        if cfg.layer_dropout > 0:  # drawn for the global step, like the positions
+            skip = shards.mine(torch.rand(n * shards.world, model.num_layers, generator=gen) < drop).to(model.device)
+        states, _ = run_with_exits(model, batch, grad=bool(lora), skip=skip)
+        targets, valid = shifted_targets(batch)
+        if cfg.head_positions == 0:  # every position with a target
+            pos = torch.arange(t - 1).expand(n, t - 1)
+        else:  # positions of every sequence of the global step, drawn in order; this process keeps its rows
+            pos = shards.mine(torch.stack([torch.randperm(t - 1, generator=gen)[: cfg.head_positions]
+                                           for _ in range(n * shards.world)]))
         rows = torch.arange(n).unsqueeze(1).expand_as(pos)
         tgt = targets[rows, pos]
+        teacher = None
+        if cfg.exit_kl > 0:
+            with torch.no_grad():
+                teacher = F.log_softmax(model.head_logits(model.num_layers, states[model.num_layers][rows, pos])
+                                        .float(), -1).flatten(0, 1)
         # every process has the same number of positions: the mean of the processes' means is the global mean
         loss = 0.0
         for w, layer in zip(weights.tolist(), heads, strict=True):
-            logits = model.head_logits(layer, states[layer][rows, pos])
-            loss = loss + w * F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+            logits = model.head_logits(layer, states[layer][rows, pos]).float().flatten(0, 1)
+            loss = loss + w * F.cross_entropy(logits, tgt.flatten())
+            if teacher is not None and layer < model.num_layers:
+                kl = F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
+                loss = loss + cfg.exit_kl * w * kl
         opt.zero_grad()
         loss.backward()
         shards.sync_grads(params)
@@ -424,7 +477,8 @@ def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainCo
         right = torch.zeros_like(valid)
         log_q = exit_log_probs_at(model, states, exit_layer, targets, only=valid, correct=right)
         quality = log_q if cfg.reward_quality == "log_prob" else right.float()
-        weight = (1.0 - mem.float() / L) if cfg.reward == "hardness" else torch.ones_like(mem, dtype=torch.float32)
+        weight = hardness_weight(mem, L, cfg.hardness_floor) if cfg.reward == "hardness" else \
+            torch.ones_like(mem, dtype=torch.float32)
         reward = token_rewards(quality, exit_layer, weight, cfg.beta)  # [N*K, T]
         # group baseline per (sequence, position); batch_std scales by every process's valid tokens
         adv = group_baseline_advantage(_by_position(reward, k), k, cfg.advantage_norm,
@@ -516,9 +570,10 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
     shards.broadcast_exits(model)
     shards.on_main(lambda: write_json(run_dir / "train_config.json", asdict(cfg)))
     global_batch = cfg.batch_size * shards.world
-    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.stage1_steps * global_batch, cfg.seed)
+    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.stage1_steps * global_batch, cfg.seed,
+                          corpus=cfg.corpus)
     rl_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.memorize_chunks, cfg.seed,
-                          offset=cfg.stage1_steps * global_batch)
+                          offset=cfg.stage1_steps * global_batch, corpus=cfg.corpus)
     timings = {}
     for name in ("stage1", "stage2", "stage3"):
         if (run_dir / name / EXITS_CONFIG).is_file():

@@ -172,11 +172,11 @@ class EarlyExitConfig(PretrainedConfig):
         self.backbone = {k: v for k, v in (backbone or {}).items() if k not in ("id2label", "label2id")}
         #: How the state after each layer becomes one vector: ``pooler`` ([CLS] through the backbone's trained
         #: pooler), ``cls`` or ``mean`` (mask-aware mean over tokens; the default when the checkpoint's pooler
-        #: was never trained, see METHOD.md section 2).
+        #: was never trained, see docs/method.md section 2).
         self.pooling = pooling
         #: Hidden width of each layer's policy MLP (inputs -> policy_hidden_size -> 1).
         self.policy_hidden_size = policy_hidden_size
-        #: What each policy reads: ``state`` (the pooled state, METHOD.md section 2), ``state+confidence``
+        #: What each policy reads: ``state`` (the pooled state, docs/method.md section 2), ``state+confidence``
         #: (also the max probability, normalised entropy and top-2 margin of that layer's exit classifier) or
         #: ``confidence`` (those three alone: a per-layer learned exit function of the classifier's confidence).
         self.policy_features = policy_features

@@ -1,7 +1,7 @@
 """A multi-exit encoder classifier: an exit classifier and a policy network after every layer.
 
 The policy of layer l outputs p_l = P(exit at l | pooled state); ConsistentEE trains it with
-reinforcement learning (METHOD.md sections 2-3). The last layer has no policy: exiting there is forced.
+reinforcement learning (docs/method.md sections 2-3). The last layer has no policy: exiting there is forced.
 
 It is a ``transformers.PreTrainedModel`` registered with ``AutoModelForSequenceClassification`` (see
 :mod:`consistentee.model.auto`), saved the Hugging Face way: ``config.json`` (with the sha256 of the weights) +
@@ -173,7 +173,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
     ) -> EarlyExitForSequenceClassification:
         """New exits and policies on a pretrained encoder.
 
-        Pooling defaults to what the checkpoint was trained with (METHOD.md section 2): a sentence-embedding
+        Pooling defaults to what the checkpoint was trained with (docs/method.md section 2): a sentence-embedding
         checkpoint declares its pooling (its pooler weights, if any, were never trained by it); otherwise the
         trained pooler when the checkpoint has one, else the mask-aware mean.
         """

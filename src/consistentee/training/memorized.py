@@ -1,4 +1,4 @@
-"""Memorized layers: how hard each training example is for the stage-1 model (METHOD.md section 4).
+"""Memorized layers: how hard each training example is for the stage-1 model (docs/method.md section 4).
 
 m(x) is the shallowest layer l such that exits l, l+1, ..., L all predict the gold label; m(x) = L when
 the last exit is wrong. It is stored keyed by example id (never by row order).

@@ -1,4 +1,4 @@
-"""ConsistentEE stages 2 and 3 (METHOD.md sections 3-5): learn where each input should exit.
+"""ConsistentEE stages 2 and 3 (docs/method.md sections 3-5): learn where each input should exit.
 
 Recipe, per round (``rounds`` alternations):
   stage 2 ("policy"): backbone and classifiers frozen (dropout on), the policies learn by REINFORCE with a
@@ -58,7 +58,13 @@ from consistentee.training.run import (
     split_tables,
     train_subset,
 )
-from consistentee.training.stage1 import epoch_order, optimizer_for, shard_loader, shard_steps
+from consistentee.training.stage1 import (
+    NonFiniteLossError,
+    epoch_order,
+    optimizer_for,
+    shard_loader,
+    shard_steps,
+)
 from consistentee.utils.io import read_json, write_json, write_text
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
@@ -75,7 +81,7 @@ class PolicyConfig:
     reward: str = field(default="hardness", metadata={
         "help": "hardness: log q - beta*w(x)*e; cost: log q - beta*e; accuracy: log q", "choices": tuple(REWARDS)})
     reward_quality: str = field(default="correct", metadata={
-        "help": "the reward's quality term at the exit taken: log_prob (log q_e(y|x), METHOD.md) or correct "
+        "help": "the reward's quality term at the exit taken: log_prob (log q_e(y|x), docs/method.md) or correct "
                 "(1 when the exit's argmax is the label, else 0: the accuracy the model is judged by; log q punishes "
                 "a confident early mistake so hard that policies learn to avoid shallow exits)",
         "choices": REWARD_QUALITIES})
@@ -143,6 +149,13 @@ class PolicyConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.policy_train_examples is not None and self.policy_train_examples < 1:
             raise ValueError(f"policy_train_examples must be >= 1, got {self.policy_train_examples}")
+        for name in ("policy_learning_rate", "joint_learning_rate", "joint_head_learning_rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.beta) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"beta and max_grad_norm must be finite (max_grad_norm > 0), got {self.beta!r}, "
+                             f"{self.max_grad_norm!r}")
 
 
 def beta_dir(run_dir: str | Path, beta: float) -> Path:
@@ -385,6 +398,14 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
                 loss = loss + (ce * row_weight).sum()
+            finite = torch.isfinite(loss.detach()).float()
+            if world > 1:
+                finite = accelerator.reduce(finite, reduction="mean")  # every process stops together
+            if finite.item() < 1:
+                raise NonFiniteLossError(
+                    f"beta {cfg.beta:g} {unit} epoch {epoch + 1} step {global_step + 1}: the loss is not finite "
+                    f"({loss.item()}); stopped without saving the model (lower --policy-learning-rate / "
+                    "--joint-learning-rate); the last checkpoint, if any, is kept")
             accelerator.backward(loss)
             if world > 1:
                 all_reduce_grads(accelerator, params)

@@ -1,4 +1,4 @@
-"""Reinforcement-learning math of ConsistentEE policy training (METHOD.md sections 3-5).
+"""Reinforcement-learning math of ConsistentEE policy training (docs/method.md sections 3-5).
 
 Pure tensor functions, independent of any model, so that the estimator can be tested on its own.
 
@@ -8,7 +8,7 @@ Conventions
 * ``p`` is a float tensor ``[N, L-1]``: ``p[:, l-1]`` is P(exit at layer l | continued to l).
 * Exit layers are ``LongTensor [N]`` with values in ``1..L``.
 
-Defects of the authors' code that are deliberately *not* reproduced (METHOD.md section 8): actions are
+Defects of the authors' code that are deliberately *not* reproduced (docs/method.md section 8): actions are
 sampled (not thresholded), the log-prob accumulator starts from zero, probabilities are clamped, there is
 no policy term at the forced last layer, and the reward contains the hardness-guided depth cost.
 """
@@ -247,7 +247,7 @@ def _check_beta(beta: float) -> None:
 
 
 def hardness_guided_reward(beta: float) -> RewardFn:
-    """R = log q_e(y|x) - beta * w(x) * e (the project default, METHOD.md section 3).
+    """R = log q_e(y|x) - beta * w(x) * e (the project default, docs/method.md section 3).
 
     ``w`` is the hardness weight (1 - m/L for the memorized layer m): easy rows pay for depth, the
     hardest (w = 0) are free to go deep.

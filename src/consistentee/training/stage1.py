@@ -1,4 +1,4 @@
-"""Stage 1: multi-exit fine-tuning (METHOD.md section 5.1).
+"""Stage 1: multi-exit fine-tuning (docs/method.md section 5).
 
 Recipes:
 - ``pabee`` (default): backbone and every exit together, loss = sum_l l * CE_l / sum_l l.
