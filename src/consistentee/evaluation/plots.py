@@ -95,6 +95,11 @@ def plot_tradeoff(
         if ys_in:
             lo, hi = min(ys_in), max(ys_in)
             ax.set_ylim(lo - 0.05 * (hi - lo + 1e-3), hi + 0.05 * (hi - lo + 1e-3))
+    return _finish(fig, ax, xlabel, ylabel, title, path)
+
+
+def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str | None, path: str | os.PathLike) -> Path:
+    """Labels, grid and legend of a one-panel line plot, then the atomic PNG write."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -120,14 +125,7 @@ def plot_budget_curves(
             ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.2, label=name)
     if hline is not None:
         ax.axhline(hline, color="black", linestyle="--", linewidth=0.9, label=hline_label)
-    ax.set_xlabel("accuracy budget (points below full depth)")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+    return _finish(fig, ax, "accuracy budget (points below full depth)", ylabel, title, path)
 
 
 def _bar_panel(ax, counts: np.ndarray, title: str) -> None:

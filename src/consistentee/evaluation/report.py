@@ -237,7 +237,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     if report.get("calibration"):
         cal = report["calibration"]
         out += ["", "## How often a chosen operating point breaks its budget on unseen data", ""]
-        out.append(f"{cal['resampling']} ({cal['resplits']} re-splits, {cal['calibration_size']} / "
+        out.append(f"{cal['resampling'][:1].upper()}{cal['resampling'][1:]} ({cal['resplits']} re-splits, {cal['calibration_size']} / "
                    f"{cal['test_size']} rows). Loss: {cal['loss_definition']}. Method: {cal['method']}. "
                    "Violation rate should stay at most delta for calibrated points; the naive choice has no such "
                    "guarantee. Ratio = median calibrated speed-up / best layer speed-up read off the test curve.")
