@@ -20,6 +20,7 @@ from consistentee.generation.benchmark import measure_costs
 from consistentee.generation.data import perplexity_windows, top_tokens
 from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
 from consistentee.generation.loading import load_causal_lm
+from consistentee.utils.io import write_json
 
 
 def main() -> None:
@@ -46,9 +47,7 @@ def main() -> None:
               "greedy_token_coverage": coverage, "coverage_tokens": int(greedy.numel())}
     print(json.dumps(result, indent=2))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ Exits: ``--exits-dir`` (trained), else untrained heads (final norm + LM head on 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import statistics
 
 import torch
 
-from consistentee.generation.benchmark import clock
+from consistentee.generation.benchmark import clock, timed_hf_generate
 from consistentee.generation.data import wikitext_text, xsum_prompt
 from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
 from consistentee.generation.generate import (
@@ -36,6 +34,7 @@ from consistentee.generation.generate import (
 )
 from consistentee.generation.loading import load_causal_lm
 from consistentee.generation.rules import make_rule
+from consistentee.utils.io import write_json
 
 
 def _ints(text: str) -> list[int]:
@@ -122,10 +121,8 @@ def main() -> None:
           ", ".join(f"{k}: {v:.2f}" for k, v in agreement.items()), flush=True)
     if args.agreement_only:
         if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump({"model": args.model, "exits": args.exits_dir or "untrained (logit lens)",
-                           "prompts": len(encoded), "agreement": agreement}, f, indent=2)
-                f.write("\n")
+            write_json(args.out, {"model": args.model, "exits": args.exits_dir or "untrained (logit lens)",
+                                  "prompts": len(encoded), "agreement": agreement})
         return
     widths = layer_cost_by_width(model, sorted({1, *[k + 1 for k in ks]}), 320, 30, args.clock)
     print("one layer, q tokens at once (s):", widths, flush=True)
@@ -145,14 +142,8 @@ def main() -> None:
             for name, spec in configs:
                 r = rec[name]
                 if name == "hf-generate":
-                    c = copy.deepcopy(hf_cache)
-                    start = now()
-                    with torch.no_grad():
-                        out = base.generate(input_ids=ids, attention_mask=mask, cache=c, do_sample=False,
-                                            max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)
-                    secs = now() - start
-                    new = out[0, ids.shape[1]:].tolist()
-                    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+                    new, secs = timed_hf_generate(base, ids, mask, hf_cache, args.max_new_tokens, tok.pad_token_id,
+                                                  eos, now)
                     res = None
                 else:
                     gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, lossless=spec is not None,
@@ -192,9 +183,7 @@ def main() -> None:
               "draft_vocab": args.draft_vocab, "repeats": args.repeats, "agreement": agreement,
               "layer_seconds_by_width": widths, "results": rows}
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

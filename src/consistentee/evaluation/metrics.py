@@ -34,10 +34,10 @@ def classification_metrics(y_true: Any, y_pred: Any) -> dict[str, float]:
                 "mcc": float(matthews_corrcoef(t, p))}
     k = int(max(t.max(), p.max())) + 1
     cm = np.bincount(t.astype(np.int64) * k + p.astype(np.int64), minlength=k * k).reshape(k, k).astype(np.float64)
-    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
     tp = np.diag(cm)
     denom = cm.sum(axis=0) + cm.sum(axis=1)
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = denom > 0  # labels in either array (scikit-learn's macro average)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
     n, correct = cm.sum(), tp.sum()
     true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
     cov_ytyp = correct * n - true_counts @ pred_counts

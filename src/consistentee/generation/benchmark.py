@@ -142,6 +142,20 @@ def clock(kind: str):
 
 
 @torch.no_grad()
+def timed_hf_generate(base, ids: torch.Tensor, mask: torch.Tensor, prefix_cache, max_new_tokens: int,
+                      pad_token_id: int | None, eos: set[int] | frozenset[int], now) -> tuple[list[int], float]:
+    """Hugging Face ``generate`` (greedy) from a copy of the prefilled cache, under the same clock as our rows;
+    returns the new token ids up to the first stop token, and the seconds."""
+    cache = copy.deepcopy(prefix_cache)
+    start = now()
+    with torch.no_grad():
+        out = base.generate(input_ids=ids, attention_mask=mask, cache=cache, do_sample=False,
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_token_id)
+    seconds = now() - start
+    new = out[0, ids.shape[1]:].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in eos), len(new))], seconds
+
+
 def measure_costs(model: EarlyExitLM, context: int = 320, repeats: int = 200,
                   vocab_sizes: tuple[int, ...] = (4096, 8192, 16384), clock_kind: str = "wall") -> dict:
     """Median seconds, batch 1, interleaved repeats: one decoder layer for one new token (K/V cache of
@@ -320,14 +334,8 @@ def run_benchmark(run_dir: str | Path, cfg: BenchmarkLMConfig, train_cfg: LMTrai
             for name, spec in configs:
                 rec = rows[name]
                 if name == "hf-generate":
-                    c = copy.deepcopy(hf_cache)
-                    start = now()
-                    with torch.no_grad():
-                        out = base.generate(input_ids=ids, attention_mask=mask, cache=c, do_sample=False,
-                                            max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id)
-                    secs = now() - start
-                    new = out[0, ids.shape[1]:].tolist()
-                    new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
+                    new, secs = timed_hf_generate(base, ids, mask, hf_cache, cfg.max_new_tokens, tok.pad_token_id,
+                                                  eos, now)
                     text, n_tok, exits = tok.decode(new, skip_special_tokens=True), max(len(new), 1), [L] * len(new)
                     acc = dra = 0
                     res = None
