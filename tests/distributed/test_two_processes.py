@@ -51,7 +51,7 @@ def _free_port() -> int:
 def _args(run_dir, data, model, batch, policy_batch) -> list[str]:
     return ["train", "--run-dir", str(run_dir), "--dataset", data, "--id-column", "id", "--model", model,
             "--pooling", "mean", "--max-length", "16", "--epochs", "1", "--learning-rate", "1e-3",
-            "--head-learning-rate", "3e-3", "--checkpoint-every", "2", "--rollouts", "4", "--policy-epochs", "1",
+            "--head-learning-rate", "3e-3", "--stage1.checkpoint-every", "2", "--policy.checkpoint-every", "2", "--rollouts", "4", "--policy-epochs", "1",
             "--joint-epochs", "1", "--beta", "0.1", "--batch-size", str(batch), "--policy-batch-size",
             str(policy_batch), "--device", "cpu", "--no-progress"]
 

@@ -3,6 +3,8 @@ study in which calibrated choices keep their budget while naive ones break it.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,9 @@ from consistentee.evaluation.calibration import (
     calibrate,
     candidate_sequences,
     outcomes_from_points,
+    pvalues,
     resampling_study,
+    unseen_pvalues,
 )
 from consistentee.evaluation.sweep import EvalTables, build_candidates, sweep
 from consistentee.exits.rules import RULES
@@ -100,3 +104,38 @@ def test_every_thresholded_rule_has_a_data_grid_and_an_order():
         assert grid, name
         order = [cls.aggressiveness(k) for k in grid]
         assert all(isinstance(v, float) for v in order), name
+
+
+def test_unseen_pvalue_is_the_normal_tail_of_the_two_means_hand_computed():
+    # 10 rows, one candidate: losses (drop) 1, -1 and eight 0s -> mean 0; budget 5 points, 40 unseen rows
+    ref = np.ones(10, dtype=bool)
+    ref[1] = False
+    correct = np.ones((1, 10), dtype=bool)
+    correct[0, 0] = False
+    out = Outcomes(np.full((1, 10), 3), correct, correct == ref[None, :], ref, [[0]], 6)
+    # variance with one pseudo-row at -1 and one at +1: (1 + 1 + 1 + 1) / 12; sd of the difference of means
+    sd = math.sqrt(4 / 12 * (1 / 10 + 1 / 40))
+    expected = 0.5 * math.erfc(-((0.0 - 0.05) / sd) / math.sqrt(2))
+    p = unseen_pvalues(out, np.arange(10), "accuracy_drop", 5.0, test_size=40)
+    assert p[0] == pytest.approx(expected, rel=1e-9)
+    both = pvalues(out, np.arange(10), "accuracy_drop", 5.0, 0.1, method="expected+unseen", test_size=40)
+    alone = pvalues(out, np.arange(10), "accuracy_drop", 5.0, 0.1, method="expected")
+    assert both[0] == pytest.approx(max(alone[0], expected))
+    with pytest.raises(ValueError, match="needs test_size"):
+        pvalues(out, np.arange(10), "accuracy_drop", 5.0, 0.1, method="unseen")
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        pvalues(out, np.arange(10), "accuracy_drop", 5.0, 0.1, method="bogus", test_size=5)
+
+
+def test_a_knob_just_under_the_budget_breaks_it_on_unseen_rows_unless_they_are_tested():
+    # candidate 1 loses 0.8 points in expectation: on a huge calibration set the expected-loss test
+    # certifies it, yet on 500 unseen rows its realised loss exceeds 1 point about 30% of the time.
+    out = _synthetic(100500, [0.0, 0.008])
+    rows = np.arange(100000)
+    expected = calibrate(out, rows, max_loss_points=1.0, delta=0.1, method="expected")
+    guarded = calibrate(out, rows, max_loss_points=1.0, delta=0.1, method="expected+unseen", test_size=500)
+    assert expected.index == 1
+    assert guarded.index == 0
+    study = resampling_study(out, calibration_size=100000, test_size=500, budgets=[1.0], resplits=40,
+                             method="expected+unseen", compare_methods=("expected",))
+    assert study["1.0"]["violation_rate"] <= 0.1 < study["1.0"]["by_method"]["expected"]["violation_rate"]

@@ -121,3 +121,21 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     with pytest.raises(ValueError, match="schema"):
         write_report({"dataset": "x"}, tmp_path / "bad")
     assert not (tmp_path / "bad" / "report.json").exists()
+
+
+def test_markdown_shows_the_paired_bootstrap_when_the_report_has_it():
+    report = make_report()
+    report["significance"] = {
+        "resamples": 1000, "rows": 1568, "reference": "consistentee", "seed": 0, "percentiles": [2.5, 50, 97.5],
+        "rules": {
+            "entropy": {"auc": [0.81, 0.83, 0.85], "best_layer_speedup_at_1pt": [1.4, 1.56, 1.8],
+                        "reference_minus_rule": {"auc": [-0.01, 0.01, 0.03], "best_layer_speedup_at_1pt": [0.1, 0.5, 0.9]},
+                        "reference_ahead_share": {"auc": 0.7, "best_layer_speedup_at_1pt": 0.99}},
+            "consistentee": {"auc": [0.82, 0.84, 0.86], "best_layer_speedup_at_1pt": [1.8, 2.1, 2.4]},
+        },
+    }
+    md = render_markdown(report, {})
+    assert "## Is consistentee ahead beyond the test split's noise?" in md
+    assert "| entropy | 83.00 [81.00, 85.00] | 1.00 [-1.00, 3.00] | 70% | 1.56 [1.40, 1.80] | 0.50 [0.10, 0.90] | 99% |" in md
+    assert "| consistentee | 84.00 [82.00, 86.00] | — | — | 2.10 [1.80, 2.40] | — | — |" in md
+    assert "beyond the test split" not in render_markdown(make_report(), {})

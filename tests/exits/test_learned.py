@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from consistentee.data.tokenize import DataCollator, EncodedSplit
-from consistentee.evaluation.tables import ExitTables
 from consistentee.exits.learned import (
     LearnedExitHeads,
     LearnedHeadConfig,
@@ -16,6 +15,7 @@ from consistentee.exits.learned import (
     train_learned_heads,
 )
 from consistentee.exits.rules import make_rule, simulate_exits
+from consistentee.exits.tables import ExitTables
 
 
 @pytest.mark.parametrize("hidden", [0, 5])

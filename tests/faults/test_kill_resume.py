@@ -22,7 +22,7 @@ from consistentee.cli.main import main
 def _command(run_dir: Path, data: str, model: str) -> list[str]:
     return [sys.executable, "-m", "consistentee.cli.main", "stage1", "--run-dir", str(run_dir), "--dataset", data,
             "--id-column", "id", "--model", model, "--pooling", "mean", "--max-length", "16", "--epochs", "2",
-            "--batch-size", "4", "--learning-rate", "1e-3", "--head-learning-rate", "3e-3", "--checkpoint-every", "1",
+            "--batch-size", "4", "--learning-rate", "1e-3", "--head-learning-rate", "3e-3", "--stage1.checkpoint-every", "1",
             "--device", "cpu", "--no-progress"]
 
 

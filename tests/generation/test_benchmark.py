@@ -8,6 +8,7 @@ import torch
 from consistentee.generation import benchmark as B
 from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
 from consistentee.generation.training import LMTrainConfig
+from consistentee.pipeline.benchmark_lm import BenchmarkLMConfig, run_benchmark
 
 from .conftest import tiny_base
 from .test_data_and_cli import _fake_sdist
@@ -57,12 +58,12 @@ def tiny_run(tmp_path_factory):
 def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     root, sdist = tiny_run
     monkeypatch.setenv("CONSISTENTEE_BIGBENCH_SDIST", str(sdist))
-    cfg = B.BenchmarkLMConfig(model=str(root / "model"), exits_dir=str(root / "exits"), xsum_examples=3,
-                              max_new_tokens=6, ppl_tokens=256, ppl_seq_len=64, consistentee_knobs="0.5",
-                              static_knobs="2", maxprob_knobs="0.01", gap_knobs="0.5", saturation_knobs="0.9",
-                              lossless_rule="static", lossless_knob=1, draft_tokens=3, draft_vocab=500,
-                              bootstrap=50, threads=1)
-    report = B.run_benchmark(tmp_path, cfg, LMTrainConfig(), device="cpu", progress=False)
+    cfg = BenchmarkLMConfig(model=str(root / "model"), exits_dir=str(root / "exits"), xsum_examples=3,
+                            max_new_tokens=6, ppl_tokens=256, ppl_seq_len=64, consistentee_knobs="0.5",
+                            static_knobs="2", maxprob_knobs="0.01", gap_knobs="0.5", saturation_knobs="0.9",
+                            lossless_rule="static", lossless_knob=1, draft_tokens=3, draft_vocab=500,
+                            bootstrap=50, threads=1)
+    report = run_benchmark(tmp_path, cfg, LMTrainConfig(), device="cpu", progress=False)
     assert report["num_test_examples"] == 3
     rows = {r["name"]: r for r in report["xsum"]["results"]}
     assert rows["full"]["identical_to_full"] and rows["full"]["rougeL_diff_vs_full"]["mean"] == 0.0

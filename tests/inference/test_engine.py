@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -55,10 +57,12 @@ def _row_signals(model, heads, ids, mask, types):
     """A single unpadded row, layer by layer (no batch, no gathering): every layer's signals."""
     with torch.inference_mode():
         state = model.embed(ids, mask, types)
-        per_layer = []
+        per_layer, path = [], None
         for i in range(model.num_layers):
             state, pooled = model.run_layer(i, state)
-            policy = model.policy_logits(i, pooled).float().sigmoid() if i < model.num_layers - 1 else None
+            policy = model.policy_logits(i, pooled, path).float().sigmoid() if i < model.num_layers - 1 else None
+            if model.policies_read_path:
+                path = model.advance_path(i, pooled, path)
             per_layer.append((model.exit_logits(i, pooled).float().softmax(-1), policy, heads.score(i, pooled).float()))
     return per_layer
 
@@ -122,6 +126,17 @@ def test_every_rule_matches_one_at_a_time_and_simulator(tiny_model, tiny_tokeniz
 def test_stateful_rules_on_a_deeper_model(deep_tiny_model, tiny_tokenizer, helpers):
     heads = helpers.StandInLearnedHeads(deep_tiny_model.backbone.hidden_size, deep_tiny_model.num_layers).eval()
     _check_all_rules(deep_tiny_model, tiny_tokenizer, heads, helpers.TEXTS, require_spread=True)
+
+
+def test_policies_reading_the_path_match_while_rows_leave(deep_tiny_model, tiny_tokenizer, helpers):
+    # "path" policies read what earlier exits said (agreement run, previous confidence): the engine must keep
+    # that summary aligned with the rows still running as others leave the batch.
+    model = copy.deepcopy(deep_tiny_model)
+    torch.manual_seed(11)
+    model.reset_policies("path", 16)
+    model.eval()
+    heads = helpers.StandInLearnedHeads(model.backbone.hidden_size, model.num_layers).eval()
+    _check_all_rules(model, tiny_tokenizer, heads, helpers.TEXTS, require_spread=True)
 
 
 @pytest.mark.integration

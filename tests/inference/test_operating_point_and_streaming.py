@@ -22,7 +22,7 @@ def model_dir(tmp_path_factory, deep_tiny_model, tiny_tokenizer):
 @pytest.fixture
 def calibrated_dir(tmp_path, model_dir):
     """A copy of the model with an operating point stored (what ``consistentee calibrate`` writes)."""
-    from consistentee.inference.operating_point import OperatingPoint, save_operating_point
+    from consistentee.exits.operating_point import OperatingPoint, save_operating_point
 
     path = tmp_path / "calibrated"
     shutil.copytree(model_dir, path)
@@ -59,7 +59,7 @@ def test_predict_cli_says_it_uses_the_stored_point(calibrated_dir, tmp_path, hel
     source = tmp_path / "in.txt"
     source.write_text("\n".join(helpers.TEXTS[:5]) + "\n")
     assert predict_cli.run(_args("--model", str(calibrated_dir), "--input", str(source))) == 0
-    from consistentee.inference.operating_point import load_operating_point
+    from consistentee.exits.operating_point import load_operating_point
 
     captured = capsys.readouterr()
     notes = [line for line in captured.err.splitlines() if "operating point" in line]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from consistentee.inference.operating_point import OperatingPoint, save_operating_point
+from consistentee.exits.operating_point import OperatingPoint, save_operating_point
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 
 from .conftest import LABELS, TEXTS

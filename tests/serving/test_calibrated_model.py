@@ -13,7 +13,7 @@ import pytest
 from consistentee.cli import predict as predict_cli
 from consistentee.cli import serve as serve_cli
 from consistentee.cli.main import main
-from consistentee.inference.operating_point import load_operating_point
+from consistentee.exits.operating_point import load_operating_point
 
 TEXTS = ["a gorgeous witty film", "tedious and overlong", "moving", "boring, I walked out", "a delight"]
 

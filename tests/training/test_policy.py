@@ -11,10 +11,11 @@ from transformers import AutoTokenizer
 
 from consistentee.data import LabelList
 from consistentee.model.modeling import EarlyExitForSequenceClassification
+from consistentee.pipeline.memorize import run_memorize
 from consistentee.training.policy import PolicyConfig, evaluate_policy, run_beta_sweep, train_policy
 from consistentee.training.rl import trajectory_log_prob
 from consistentee.training.rollout import repeat_batch, rollout
-from consistentee.training.run import DataConfig, ModelConfig, load_run_model, run_memorize, save_run_settings
+from consistentee.training.run import DataConfig, ModelConfig, load_run_model, save_run_settings
 
 
 def _batch(tiny_encoder_dir, texts, labels):

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from consistentee.model.modeling import EarlyExitForSequenceClassification
+from consistentee.pipeline.memorize import run_memorize
 from consistentee.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from consistentee.training.run import DataConfig, ModelConfig, run_evaluate, run_memorize, run_stage1
+from consistentee.training.run import DataConfig, ModelConfig, run_evaluate, run_stage1
 from consistentee.training.stage1 import Stage1Config, multi_exit_loss, pabee_weights, phases_for
 
 

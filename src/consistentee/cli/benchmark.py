@@ -2,7 +2,7 @@
 
 Wiring (in ``cli/main.py``): ``benchmark.add_parser(verbs)`` (and ``benchmark.add_demo_parser(verbs)``) inside
 ``build_parser``; ``return benchmark.run(args)`` for ``benchmark`` and ``return benchmark.run_demo(args)`` for
-``demo``. ``run_settings`` runs any :class:`~consistentee.evaluation.harness.BenchmarkSettings`.
+``demo``. ``run_settings`` runs any :class:`~consistentee.pipeline.benchmark.BenchmarkSettings`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from consistentee.cli.options import add_dataclass_options, dataclass_from_args
-from consistentee.evaluation.harness import BenchmarkConfig, BenchmarkSettings, demo_settings, run_benchmark
+from consistentee.cli.options import Section, _Formatter, common_options
+from consistentee.cli.pipeline import training_parser, training_sections
 from consistentee.evaluation.report import summary_table
 from consistentee.exits.learned import LearnedHeadConfig
-from consistentee.training.policy import PolicyConfig
-from consistentee.training.run import DataConfig, ModelConfig
-from consistentee.training.stage1 import Stage1Config
+from consistentee.pipeline.benchmark import BenchmarkConfig, BenchmarkSettings, demo_settings, run_benchmark
 
 __all__ = ["add_demo_parser", "add_parser", "run", "run_demo", "run_settings", "settings_from_args"]
 
@@ -34,41 +32,31 @@ Writes report.json, report.md and PNG plots to --out-dir (default RUN_DIR/report
 """
 
 
+def benchmark_sections() -> list[Section]:
+    """The configurations of ``benchmark``, named like the fields of :class:`BenchmarkSettings`: those of
+    ``consistentee train`` (without the single --beta) and the benchmark's own."""
+    known = training_sections()
+    return [known["data"], known["model"], known["stage1"], Section("bench", BenchmarkConfig, "benchmark"),
+            Section("learned", LearnedHeadConfig, "learned exit heads"),
+            dataclasses.replace(known["policy"], title="ConsistentEE policy (one model per --betas value)",
+                                skip=("beta",))]
+
+
 def add_parser(verbs) -> argparse.ArgumentParser:
     """Add the ``benchmark`` verb to ``verbs`` (the sub-parsers of ``consistentee``).
 
-    The training options are those of ``consistentee train``, generated the same way: an option that two
-    configurations share (``--seed``, ``--checkpoint-every``, ...) sets both.
+    The training options are those of ``consistentee train``, generated the same way (a field that two
+    configurations share is namespaced: ``--stage1.seed``, ``--policy.seed``; ``--seed`` sets every seed).
     """
-    from consistentee.cli.main import _config_option, _Formatter, common_options  # main imports this module
-
-    parser = verbs.add_parser(
-        "benchmark", formatter_class=_Formatter,
-        help="compare every exit rule on one trained model: report.json, report.md and plots",
-        description=DESCRIPTION,
-    )
-    parser.add_argument("--run-dir", required=True, help="directory for everything the run trains and writes")
-    _config_option(parser)
-    add_dataclass_options(parser.add_argument_group("data"), DataConfig)
-    add_dataclass_options(parser.add_argument_group("model"), ModelConfig)
-    add_dataclass_options(parser.add_argument_group("stage 1"), Stage1Config)
-    add_dataclass_options(parser.add_argument_group("benchmark"), BenchmarkConfig)
-    add_dataclass_options(parser.add_argument_group("learned exit heads"), LearnedHeadConfig)
-    add_dataclass_options(parser.add_argument_group("ConsistentEE policy (one model per --betas value)"),
-                          PolicyConfig, skip=("beta",))
+    parser, _ = training_parser(verbs, "benchmark", "compare every exit rule on one trained model: report.json, "
+                                "report.md and plots", DESCRIPTION, benchmark_sections(),
+                                "directory for everything the run trains and writes")
     common_options(parser)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchmarkSettings:
-    return BenchmarkSettings(
-        data=dataclass_from_args(DataConfig, args),
-        model=dataclass_from_args(ModelConfig, args),
-        stage1=dataclass_from_args(Stage1Config, args),
-        learned=dataclass_from_args(LearnedHeadConfig, args),
-        policy=dataclass_from_args(PolicyConfig, args),
-        bench=dataclass_from_args(BenchmarkConfig, args),
-    )
+    return BenchmarkSettings(**{section.name: section.from_args(args) for section in benchmark_sections()})
 
 
 def _command_line() -> str:
@@ -100,9 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_demo_parser(verbs) -> argparse.ArgumentParser:
-    """Add the ``demo`` verb (``make demo``): the benchmark at :func:`~consistentee.evaluation.harness.demo_settings`."""
-    from consistentee.cli.main import _Formatter, common_options  # main imports this module
-
+    """Add the ``demo`` verb (``make demo``): the benchmark at :func:`~consistentee.pipeline.benchmark.demo_settings`."""
     parser = verbs.add_parser(
         "demo", formatter_class=_Formatter, help="the benchmark on rt-snippets with the built-in MiniLM (make demo)",
         description="The benchmark at a size that finishes in about 20 minutes on 2 CPU cores: rt-snippets, the "

@@ -9,31 +9,21 @@ Writes RUN_DIR/report.json, report.md and two PNGs. XSum needs the BIG-bench 1.0
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from consistentee.cli.options import add_dataclass_options, dataclass_from_args
-from consistentee.generation.benchmark import BenchmarkLMConfig
-from consistentee.generation.training import LMTrainConfig
+from consistentee.cli.train_lm import BENCH, TRAIN, lm_verb
 
 
 def add_parser(verbs) -> argparse.ArgumentParser:
-    from consistentee.cli.main import _Formatter, common_options
-
-    parser = verbs.add_parser(
-        "benchmark-lm", formatter_class=_Formatter, help="early-exit generation benchmark (decoder LMs)",
-        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
-    )
-    parser.add_argument("--run-dir", required=True, help="directory for the trained exits and the report")
-    add_dataclass_options(parser.add_argument_group("benchmark"), BenchmarkLMConfig)
-    add_dataclass_options(parser.add_argument_group("training (when --exits-dir is not given)"), LMTrainConfig)
-    common_options(parser)
-    return parser
+    train = dataclasses.replace(TRAIN, title="training (when --exits-dir is not given)")
+    return lm_verb(verbs, "benchmark-lm", "early-exit generation benchmark (decoder LMs)", __doc__, [BENCH, train],
+                   "directory for the trained exits and the report")
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistentee.generation.benchmark import run_benchmark
+    from consistentee.pipeline.benchmark_lm import run_benchmark
 
-    cfg = dataclass_from_args(BenchmarkLMConfig, args)
-    train_cfg = dataclass_from_args(LMTrainConfig, args)
+    cfg, train_cfg = BENCH.from_args(args), TRAIN.from_args(args)
     report = run_benchmark(args.run_dir, cfg, train_cfg, device=args.device, progress=args.progress)
     goal = report["goal"]
     print(f"report: {args.run_dir}/report.md; target met: {goal['target_met']}")

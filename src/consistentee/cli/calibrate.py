@@ -15,6 +15,7 @@ import json
 import sys
 
 from consistentee.cli.predict import add_verb
+from consistentee.exits.rules import CALIBRATION_RULES
 
 SPLITS = ("dev", "test")
 
@@ -29,11 +30,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-loss", type=float, default=1.0, help="accuracy budget: points below full depth")
     parser.add_argument("--delta", type=float, default=0.1, help="the budget holds with probability >= 1 - delta")
     parser.add_argument("--rule", default="auto",
-                        choices=("auto", "consistentee", "confidence", "entropy", "patience", "pcee", "static"),
+                        choices=("auto", *CALIBRATION_RULES),
                         help="exit rule (auto: consistentee when the model's policies were trained, else confidence)")
     parser.add_argument("--loss", default="accuracy_drop", choices=("accuracy_drop", "disagreement"),
                         help="what is controlled: the accuracy drop, or disagreement with full depth (label-free, "
                              "stricter)")
+    parser.add_argument("--guarantee", default="expected+unseen", choices=("expected+unseen", "expected", "unseen"),
+                        help="expected: the expected loss is within budget (finite-sample); unseen: the mean loss "
+                             "on --unseen-rows new inputs is (normal approximation); expected+unseen: both")
+    parser.add_argument("--unseen-rows", type=int, default=None,
+                        help="number of new inputs the budget must hold on (default: the calibration split's size)")
     parser.add_argument("--grid-points", type=int, default=200, help="knob candidates at quantiles of the rule's score")
     data = parser.add_argument_group("data (as in training)")
     data.add_argument("--text-column", default="text", help="column with the text (files and hf:)")
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from consistentee.utils.runtime import resolve_device
 
     cfg = CalibrationConfig(max_loss=args.max_loss, delta=args.delta, rule=args.rule, loss=args.loss,
-                            grid_points=args.grid_points)
+                            grid_points=args.grid_points, guarantee=args.guarantee, unseen_rows=args.unseen_rows)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     folder = model_folder(args.model)

@@ -12,13 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from consistentee.cli.options import add_dataclass_options, dataclass_from_args
+from consistentee.cli.options import _Formatter, add_dataclass_options, common_options, dataclass_from_args
 from consistentee.generation.generate import GenerationConfig
 
 
 def add_parser(verbs) -> argparse.ArgumentParser:
-    from consistentee.cli.main import _Formatter, common_options
-
     parser = verbs.add_parser(
         "generate", formatter_class=_Formatter, help="generate text with token-level early exit",
         description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,

@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from consistentee.utils.runtime import DEVICE_CHOICES
+from consistentee.cli.options import _Formatter, _one_line
+from consistentee.cli.options import apply_config as _apply_config
 
 EXIT_USAGE = 2
 
@@ -91,10 +90,6 @@ def verb_table() -> dict[str, Verb]:
     return {verb.name: verb for verb in VERBS if verb.available()}
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``consistentee VERB: error: ...``) and exit status 2, like every other input error."""
 
@@ -106,21 +101,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """Warnings caused by the input, one line each, without the source line Python would show."""
     text = " ".join(str(message).split())
     print(f"consistentee: warning: {text}", file=sys.stderr if file is None else file)
-
-
-def common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
-                        help="where to run: auto picks CUDA when available, else the CPU")
-    # "%(default).0s" prints nothing and keeps the formatter from adding a confusing "(default: True)".
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="hide the progress bars (shown by default)%(default).0s")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-
-
-def _config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML or JSON file with option values (sections or flat keys, named like the "
-                             "options with underscores); flags given on the command line win")
 
 
 def version() -> str:
@@ -166,106 +146,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         else:
             subparsers.add_parser(name, help=verb.help)
     return parser
-
-
-def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for word in argv:
-                if word in action.choices:
-                    return action.choices[word]
-    raise ValueError("--config needs a verb (e.g. `consistentee train --config run.toml`)")
-
-
-def _type_name(action: argparse.Action) -> str:
-    return getattr(action.type, "__name__", "text") if action.type is not None else "text"
-
-
-def config_value(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
-    """``value`` from a config file, checked and converted like the option ``action`` would convert its text.
-
-    argparse applies ``type`` only to string defaults, so without this ``epochs = 1.5`` would slip through to
-    the training code and fail there with a TypeError that names no file."""
-    where = f"config file {path}: {key} = {json.dumps(value) if not isinstance(value, str) else repr(value)}"
-    if isinstance(action, argparse.BooleanOptionalAction) or isinstance(
-            action, argparse._StoreTrueAction | argparse._StoreFalseAction):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false")
-        return value
-    if value is None:
-        if action.default is None:
-            return None
-        raise ValueError(f"{where}: this option cannot be null")
-    kind = _type_name(action)
-    if isinstance(value, bool) or isinstance(value, dict):
-        raise ValueError(f"{where} must be {'a number' if kind in ('int', 'float') else 'a string'}")
-    if isinstance(value, list):
-        if key != "betas" or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            raise ValueError(f"{where}: a list is not a valid value here")
-        text = ",".join(str(v) for v in value)
-    elif kind in ("int", "float"):
-        if isinstance(value, str):
-            raise ValueError(f"{where} must be a number, not a string")
-        if kind == "int" and isinstance(value, float):
-            raise ValueError(f"{where} must be an integer")
-        text = str(value)
-    else:
-        if kind in ("text", "str") and not isinstance(value, str):
-            raise ValueError(f"{where} must be a string")
-        text = str(value)
-    try:
-        converted = action.type(text) if action.type is not None else text
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-        detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) else f"not a valid {kind}"
-        raise ValueError(f"{where}: {detail}") from None
-    if action.choices is not None and converted not in action.choices:
-        raise ValueError(f"{where}: choose one of {', '.join(map(str, action.choices))}")
-    return converted
-
-
-def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Values from --config become the defaults of the chosen verb's options (type-checked, naming the file)."""
-    if "--config" not in argv:
-        return
-    import tomllib
-
-    index = argv.index("--config")
-    if index + 1 >= len(argv):
-        raise ValueError("--config needs a file name")
-    path = Path(argv[index + 1])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path} cannot be read ({exc})") from None
-    try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a table/object of option values")
-    flat: dict = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    flat = {k.replace("-", "_"): v for k, v in flat.items()}
-    verb_parser = _subparser(parser, argv)
-    actions = {a.dest: a for a in verb_parser._actions}
-    unknown = sorted(set(flat) - set(actions))
-    if unknown:
-        raise ValueError(f"config file {path} has unknown option(s): {', '.join(unknown)}")
-    verb_parser.set_defaults(**{key: config_value(actions[key], key, value, path) for key, value in flat.items()})
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first non-empty line of an error message (library messages can span many lines)."""
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    if isinstance(exc, OSError) and exc.strerror and not exc.filename:
-        message = exc.strerror
-    return next((line.strip() for line in str(message).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _run(args: argparse.Namespace) -> int:

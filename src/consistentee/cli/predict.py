@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from consistentee.cli.options import _Formatter, _one_line, common_options, deprecated_alias
 from consistentee.data.files import parse_jsonl, read_csv_records
-from consistentee.utils.knobs import PREDICT_RULES, parse_knob
+from consistentee.exits.rules import PREDICT_RULES, parse_knob
 
 INPUT_FORMATS = ("auto", "txt", "csv", "tsv", "json", "jsonl")
+AUTOCAST_CHOICES = ("none", "fp16", "bf16")
 
 
 # -- shared with ``consistentee serve``: the model options, the predictor, the verb and the standalone entry ---
@@ -41,8 +43,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "others: a number); omitted: the stored operating point's, else the rule's default%(default).0s")
     parser.add_argument("--max-length", type=int, default=None,
                         help="most tokens per text (default: what the model accepts)")
-    parser.add_argument("--dtype", default="none", choices=("none", "fp16", "bf16"),
-                        help="mixed precision (autocast) for the model")
+    parser.add_argument("--autocast", default="none", choices=AUTOCAST_CHOICES,
+                        help="autocast dtype of the model (fp16/bf16 on GPU), or none; like benchmark's "
+                             "--wall-autocast")
+    deprecated_alias(parser, "--dtype", "--autocast", dest="autocast", choices=AUTOCAST_CHOICES)
 
 
 def check_model_options(args: argparse.Namespace) -> None:
@@ -68,7 +72,7 @@ def predictor_from_args(args: argparse.Namespace, log: Callable[[str], None] | N
         args.model, rule=rule, knob=parse_knob(rule, args.knob) if rule else None,
         device=getattr(args, "device", "auto"), learned_heads_dir=args.learned_heads,
         policy_model_dir=args.policy_model_dir, max_length=args.max_length,
-        autocast_dtype=None if args.dtype == "none" else args.dtype,
+        autocast_dtype=None if args.autocast == "none" else args.autocast,
     )
     for note in predictor.notes:
         (log or _stderr)(note)
@@ -82,8 +86,6 @@ def _stderr(line: str) -> None:
 def add_verb(verbs, name: str, help_text: str, doc: str, configure: Callable[[argparse.ArgumentParser], None]):
     """Add verb ``name`` with the options of ``configure`` and the common ones; ``doc`` (the module docstring)
     without its first paragraph is the description."""
-    from consistentee.cli.main import _Formatter, common_options  # main imports this module
-
     parser = verbs.add_parser(name, formatter_class=_Formatter, help=help_text,
                               description=doc.split("\n\n", 1)[1].strip())
     configure(parser)
@@ -102,8 +104,6 @@ def standalone_main(prog: str, doc: str, configure: Callable[[argparse.ArgumentP
     try:
         return run(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as exc:
-        from consistentee.cli.main import _one_line
-
         print(f"consistentee: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 

@@ -10,30 +10,33 @@ train like one process with batch N*b. Use the exits with ``generate --exits-dir
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
-from consistentee.cli.options import add_dataclass_options, dataclass_from_args
-from consistentee.generation.benchmark import BenchmarkLMConfig
+from consistentee.cli.options import Section, common_options, section_verb
 from consistentee.generation.training import LMTrainConfig
+from consistentee.pipeline.benchmark_lm import BenchmarkLMConfig
 
 #: The options of ``benchmark-lm`` that choose the model and its exits (shared, so the two verbs agree).
 MODEL_OPTIONS = ("model", "exit_every", "adapter_rank")
+#: The configurations of the decoder verbs: ``benchmark-lm`` has both, ``train-lm`` the model options and training.
+BENCH = Section("bench", BenchmarkLMConfig, "benchmark")
+TRAIN = Section("train", LMTrainConfig, "training")
+
+
+def lm_verb(verbs, name: str, help_text: str, doc: str | None, sections: list[Section], run_dir_help: str):
+    """A decoder verb: the options of ``sections``, a field both configurations have namespaced alike in both
+    verbs (``--train.seed``; ``--seed`` sets every seed)."""
+    parser, _ = section_verb(verbs, name, help_text, doc.split("\n\n", 1)[1].strip() if doc else None, sections,
+                             run_dir_help=run_dir_help, family=(BenchmarkLMConfig, LMTrainConfig))
+    common_options(parser)
+    return parser
 
 
 def add_parser(verbs) -> argparse.ArgumentParser:
-    from consistentee.cli.main import _Formatter, common_options
-
-    parser = verbs.add_parser(
-        "train-lm", formatter_class=_Formatter, help="train early exits of a decoder LM (stages 1-3)",
-        description=__doc__.split("\n\n", 1)[1].strip() if __doc__ else None,
-    )
-    parser.add_argument("--run-dir", required=True, help="directory for the trained exits (RUN_DIR/exits)")
-    skip = tuple(f.name for f in dataclasses.fields(BenchmarkLMConfig) if f.name not in MODEL_OPTIONS)
-    add_dataclass_options(parser.add_argument_group("model"), BenchmarkLMConfig, skip=skip)
-    add_dataclass_options(parser.add_argument_group("training"), LMTrainConfig)
-    common_options(parser)
-    return parser
+    skip = tuple(f.name for f in BENCH.fields() if f.name not in MODEL_OPTIONS)
+    model = Section(BENCH.name, BenchmarkLMConfig, "model", skip=skip)
+    return lm_verb(verbs, "train-lm", "train early exits of a decoder LM (stages 1-3)", __doc__, [model, TRAIN],
+                   "directory for the trained exits (RUN_DIR/exits)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from consistentee.generation.training import lm_accelerator, train_exits
     from consistentee.utils.runtime import resolve_device, set_seed
 
-    cfg = dataclass_from_args(LMTrainConfig, args)
+    cfg = TRAIN.from_args(args)
     if args.exit_every < 1:
         raise ValueError(f"--exit-every must be >= 1, got {args.exit_every}")
     accelerator = lm_accelerator(resolve_device(args.device))

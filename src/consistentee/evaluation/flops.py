@@ -2,7 +2,9 @@
 
 Counted per example of ``T`` real tokens (padding is not counted: this is the ideal cost of the
 exit decisions, independent of how a batch is padded), hidden size ``d``, FFN size ``i``, ``C``
-labels, policy hidden size ``h`` (32):
+labels, policy hidden size ``h`` (the model's ``policy_hidden_size``, 32 by default). The arithmetic of the
+pieces (a dense map, attention, the MLP, a policy) is :mod:`consistentee.utils.flops`, shared with the decoder's
+per-token count (:mod:`consistentee.generation.benchmark`):
 
 * one transformer layer, :func:`layer_flops`::
 
@@ -42,6 +44,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from consistentee.utils.flops import (
+    attention_projection_flops,
+    attention_score_flops,
+    linear_flops,
+    mlp_flops,
+    policy_flops,
+)
 
 from .metrics import as_numpy
 
@@ -145,7 +155,7 @@ def layer_flops(shape: EncoderShape, seq_len: Any) -> Any:
     """``8*T*d^2 + 4*T^2*d + 4*T*d*i`` for one layer (scalar or elementwise over an array of T)."""
     t = np.asarray(seq_len, dtype=np.float64)
     d, i = float(shape.hidden_size), float(shape.intermediate_size)
-    out = 8.0 * t * d * d + 4.0 * t * t * d + 4.0 * t * d * i
+    out = attention_projection_flops(d, d, d, t) + attention_score_flops(d, t, t) + mlp_flops(d, i, 2, t)
     return float(out) if out.ndim == 0 else out
 
 
@@ -153,7 +163,7 @@ def embedding_flops(shape: EncoderShape, seq_len: Any) -> Any:
     """``2*T*e*d`` when the embedding size ``e`` differs from ``d``, else 0 (see module docstring)."""
     t = np.asarray(seq_len, dtype=np.float64)
     e = shape.embedding_size
-    out = t * 0.0 if e is None or e == shape.hidden_size else 2.0 * t * e * shape.hidden_size
+    out = t * 0.0 if e is None or e == shape.hidden_size else linear_flops(e, shape.hidden_size, t)
     return float(out) if out.ndim == 0 else out
 
 
@@ -171,17 +181,16 @@ def exit_flops(shape: EncoderShape, *, with_policy: bool = False, pooler_used: b
     ``pooler_used`` defaults to ``shape.has_pooler``.
     """
     d = float(shape.hidden_size)
-    out = 2.0 * d * shape.num_labels
+    out = linear_flops(d, shape.num_labels)
     if _pooler_on(shape, pooler_used):
-        out += 2.0 * d * d
+        out += linear_flops(d, d)
     if with_policy:
         out += _policy_flops(shape)
     return out
 
 
 def _policy_flops(shape: EncoderShape) -> float:
-    h = float(shape.policy_hidden)
-    return 2.0 * (shape.hidden_size * h + h)
+    return policy_flops(float(shape.hidden_size), float(shape.policy_hidden))
 
 
 def _check_lengths(shape: EncoderShape, seq_lens: Any, exit_layers: Any = None):

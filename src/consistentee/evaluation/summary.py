@@ -11,7 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from consistentee.evaluation.calibration import LOSS_DEFINITIONS, Outcomes, calibrate, resampling_study
+from consistentee.evaluation.calibration import (
+    DEFAULT_METHOD,
+    LOSS_DEFINITIONS,
+    METHOD_DEFINITIONS,
+    METHODS,
+    Outcomes,
+    calibrate,
+    resampling_study,
+)
 from consistentee.evaluation.curves import (
     auc_saved_fraction,
     best_speedup_within,
@@ -29,6 +37,7 @@ __all__ = [
     "budget_key",
     "calibrated_points",
     "calibration_study",
+    "paired_bootstrap",
     "frontier_indices",
     "oracle_gap",
     "routing_diagnostics",
@@ -121,13 +130,16 @@ def summarize_method(
 def calibrated_points(
     points: Sequence[PointResult], outcomes: Outcomes, num_dev: int, full_test_accuracy: float,
     budgets: Sequence[float] = LOSS_BUDGETS, *, delta: float, loss: str, seed: int = 0,
+    method: str = DEFAULT_METHOD,
 ) -> dict[str, dict[str, Any]]:
     """Per budget: the point Learn-then-Test certifies on dev (``outcomes`` rows ``0..num_dev-1``) and
-    what it gave on test. ``index`` None means nothing was certified: the model runs at full depth."""
+    what it gave on test (the unseen rows of ``method``: the test split). ``index`` None means nothing was
+    certified: the model runs at full depth."""
     out = {}
     dev_rows = np.arange(num_dev)
     for b in budgets:
-        choice = calibrate(outcomes, dev_rows, max_loss_points=b, delta=delta, loss=loss, order_seed=seed)
+        choice = calibrate(outcomes, dev_rows, max_loss_points=b, delta=delta, loss=loss, order_seed=seed,
+                           method=method, test_size=outcomes.num_rows - num_dev)
         if choice.index is None:
             out[budget_key(b)] = {"index": None, "knob": None, "certified": 0, "dev_layer_speedup": 1.0,
                                   "test_accuracy": full_test_accuracy, "test_layer_speedup": 1.0,
@@ -204,6 +216,7 @@ def calibration_study(
     outcomes: Mapping[str, Outcomes], summaries: Mapping[str, Mapping[str, Any]],
     points: Mapping[str, Sequence[PointResult]], num_dev: int, num_test: int, full_test_accuracy: float, *,
     delta: float, loss: str, resplits: int, seed: int = 0, budgets: Sequence[float] = STUDY_BUDGETS,
+    method: str = DEFAULT_METHOD,
 ) -> dict[str, Any]:
     """The report's ``"calibration"`` block: per budget and rule, the resampling study
     (:func:`~consistentee.evaluation.calibration.resampling_study`) beside the best layer speed-up read off
@@ -211,7 +224,8 @@ def calibration_study(
     by_budget: dict[str, dict[str, Any]] = {str(float(b)): {} for b in budgets}
     for name, out in outcomes.items():
         study = resampling_study(out, calibration_size=num_dev, test_size=num_test, budgets=budgets, delta=delta,
-                                 loss=loss, resplits=resplits, seed=seed)
+                                 loss=loss, resplits=resplits, seed=seed, method=method,
+                                 compare_methods=METHODS)
         pairs = [(p.test["layer_speedup"], p.test["accuracy"]) for p in points[name]]
         for b in budgets:
             entry = dict(study[str(float(b))])
@@ -221,10 +235,14 @@ def calibration_study(
             by_budget[str(float(b))][name] = entry
     return {"delta": delta, "resplits": resplits, "loss": loss, "loss_definition": LOSS_DEFINITIONS[loss],
             "calibration_size": num_dev, "test_size": num_test,
+            "guarantee": method, "guarantee_definition": METHOD_DEFINITIONS[method],
             "method": "Learn-then-Test, fixed-sequence testing from conservative to aggressive knobs (Bonferroni "
                       "over sequences: one per ConsistentEE model and per PCEE patience), "
                       + ("WSR betting p-values" if loss == "accuracy_drop" else "Hoeffding-Bentkus p-values")
-                      + "; the fastest certified knob; nothing certified = full depth",
+                      + (" and the normal-approximation test of the loss on test_size unseen rows (both must "
+                         "reject)" if method == "expected+unseen" else "")
+                      + "; the fastest certified knob; nothing certified = full depth; by_method: the other "
+                        "guarantees on the same re-splits",
             "resampling": "dev and test pooled and split at random (same sizes) resplits times; calibrated on the "
                           "first part, measured on the second; a violation is a realised accuracy loss against "
                           "full depth above the budget; naive = fastest knob within the budget on the first part",
@@ -254,3 +272,50 @@ def routing_diagnostics(exit_layers: Any, predictions: Any, labels: Any, oracle_
         "accuracy_by_exit_layer": [float(right[e == layer].mean()) if (e == layer).any() else None
                                    for layer in range(1, num_layers + 1)],
     }
+
+
+def paired_bootstrap(
+    outcomes: Mapping[str, Outcomes], rows: np.ndarray, x_range: tuple[float, float], *,
+    reference: str = "consistentee", budgets: Sequence[float] = LOSS_BUDGETS, resamples: int = 1000, seed: int = 0,
+) -> dict[str, Any]:
+    """Are the differences between rules larger than the test split's noise? Paired bootstrap over ``rows``.
+
+    Every resample draws the rows with replacement once and scores every rule on that same draw (paired:
+    the rows that are hard for one rule are hard for all), recomputing each rule's AUC (as in the summary)
+    and best layer speed-up within each budget of its whole candidate curve. Returns per rule the 2.5 / 50
+    / 97.5 percentiles and, against ``reference``, the same for the difference (reference minus rule) and
+    the share of resamples in which the reference is ahead. The knobs stay fixed: only the test rows vary,
+    so this is the noise of the test split, not of training (seeds measure that).
+    """
+    rows = np.asarray(rows)
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+    first = next(iter(outcomes.values()))
+    full = counts @ first.ref_correct[rows].astype(np.float64) / n  # [B]
+    stats: dict[str, dict[str, np.ndarray]] = {}
+    for name, out in outcomes.items():
+        acc = counts @ out.correct[:, rows].T.astype(np.float64) / n  # [B, K]
+        layers = counts @ out.exit_layers[:, rows].T.astype(np.float64) / n
+        speed = out.num_layers / layers
+        saved = 1.0 - layers / out.num_layers
+        per = {"auc": np.array([auc_saved_fraction(list(zip(saved[b], acc[b], strict=True)), x_range)
+                                for b in range(resamples)])}
+        for budget in budgets:
+            ok = acc >= full[:, None] - budget / 100.0 - 1e-12
+            per[f"best_layer_speedup_at_{budget_key(budget)}"] = np.where(ok, speed, 1.0).max(axis=1).clip(min=1.0)
+        stats[name] = per
+
+    def interval(x: np.ndarray) -> list[float]:
+        return [float(v) for v in np.percentile(x, [2.5, 50, 97.5])]
+
+    result: dict[str, Any] = {"resamples": resamples, "rows": n, "reference": reference, "seed": seed,
+                              "percentiles": [2.5, 50, 97.5], "rules": {}}
+    ref = stats.get(reference)
+    for name, per in stats.items():
+        entry: dict[str, Any] = {k: interval(v) for k, v in per.items()}
+        if ref is not None and name != reference:
+            entry["reference_minus_rule"] = {k: interval(ref[k] - v) for k, v in per.items()}
+            entry["reference_ahead_share"] = {k: float(np.mean(ref[k] > v)) for k, v in per.items()}
+        result["rules"][name] = entry
+    return result

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from consistentee.evaluation.flops import EncoderShape, flops_speedup
 from consistentee.evaluation.metrics import classification_metrics, speedup_summary
 from consistentee.exits.rules import RULES, ExitRule, make_rule, simulate_exits
+from consistentee.exits.tables import ExitTables
 
 __all__ = [
     "Candidate",
@@ -34,26 +34,20 @@ __all__ = [
     "sweep",
 ]
 
-#: rules that read every exit's softmax (so every exit classifier runs at every executed layer).
-_PROB_RULES = frozenset({"entropy", "confidence", "patience", "pcee", "oracle"})
+class EvalTables(ExitTables):
+    """Per-layer signals of one labelled split under one model, what :func:`simulate_exits` reads: an
+    :class:`~consistentee.exits.tables.ExitTables` whose gold labels are required (checked here), built positionally
+    as ``(probs, labels, seq_lens, policy_probs, learned_scores)``, with full-depth metrics.
 
+    ``probs`` [N, L, C] softmax of every exit; ``labels`` [N]; ``seq_lens`` [N] real tokens per row (FLOPs);
+    ``policy_probs`` [N, L-1] policy exit probabilities (ConsistentEE); ``learned_scores`` [N, L] learned exit
+    head scores.
+    """
 
-@dataclass
-class EvalTables:
-    """Per-layer signals of one split under one model: what :func:`simulate_exits` reads."""
-
-    #: [N, L, C] softmax of every exit.
-    probs: torch.Tensor
-    #: [N] gold labels.
-    labels: torch.Tensor
-    #: [N] real tokens per row (FLOPs).
-    seq_lens: torch.Tensor
-    #: [N, L-1] policy exit probabilities (ConsistentEE).
-    policy_probs: torch.Tensor | None = None
-    #: [N, L] learned exit head scores.
-    learned_scores: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, probs: torch.Tensor, labels: torch.Tensor, seq_lens: torch.Tensor,
+                 policy_probs: torch.Tensor | None = None, learned_scores: torch.Tensor | None = None) -> None:
+        super().__init__(probs=probs, policy_probs=policy_probs, labels=labels, seq_lens=seq_lens,
+                         learned_scores=learned_scores)
         if self.probs.dim() != 3:
             raise ValueError(f"probs must be [N, L, C], got {tuple(self.probs.shape)}")
         if self.labels is None or self.labels.shape != (self.probs.shape[0],):
@@ -62,8 +56,9 @@ class EvalTables:
             raise ValueError(f"seq_lens must be [N] = [{self.probs.shape[0]}], got {tuple(self.seq_lens.shape)}")
 
     @classmethod
-    def from_cache(cls, cache, heads=None) -> EvalTables:
-        """From a :class:`~consistentee.evaluation.tables.ExitTables` with pooled states (+ learned heads scored on its states)."""
+    def from_cache(cls, cache: ExitTables, heads=None) -> EvalTables:
+        """From an :class:`~consistentee.exits.tables.ExitTables` with pooled states (+ learned heads scored on its
+        states)."""
         learned = None
         if heads is not None:
             with torch.inference_mode():
@@ -71,40 +66,17 @@ class EvalTables:
         return cls(cache.probs, cache.labels, cache.seq_lens, cache.policy_probs, learned)
 
     @classmethod
-    def from_exit_tables(cls, tables, learned_scores=None) -> EvalTables:
+    def from_exit_tables(cls, tables: ExitTables, learned_scores=None) -> EvalTables:
         return cls(tables.probs, tables.labels, tables.seq_lens, tables.policy_probs, learned_scores)
-
-    @property
-    def num_layers(self) -> int:
-        return self.probs.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        return self.probs.shape[2]
-
-    def __len__(self) -> int:
-        return self.probs.shape[0]
 
     def full_depth(self) -> dict[str, float]:
         return classification_metrics(self.labels, self.probs[:, -1].argmax(-1))
 
-    def per_exit_accuracy(self) -> list[float]:
-        return (self.probs.argmax(-1) == self.labels.unsqueeze(1)).float().mean(0).tolist()
-
 
 def knob_to_json(rule_name: str, knob: Any, beta: float | None = None) -> Any:
-    """The JSON form of a knob: a number for one-knob rules, ``{"t", "S"}`` for pcee,
-    ``{"beta", "threshold"}`` for consistentee, ``None`` for the oracle."""
-    if rule_name == "pcee":
-        t, s = knob
-        return {"t": int(t), "S": round(float(s), 6)}
-    if rule_name == "consistentee":
-        return {"beta": None if beta is None else float(beta), "threshold": round(float(knob), 6)}
-    if knob is None:
-        return None
-    if isinstance(knob, int | np.integer) or (isinstance(knob, float) and RULES[rule_name].knob_name in ("t", "k")):
-        return int(knob)
-    return round(float(knob), 6)
+    """The JSON form of a knob (the rule's :meth:`~consistentee.exits.rules.ExitRule.knob_to_json`): a number for
+    one-knob rules, ``{"t", "S"}`` for pcee, ``{"beta", "threshold"}`` for consistentee, ``None`` for the oracle."""
+    return RULES[rule_name].knob_to_json(knob, beta)
 
 
 def knob_label(rule_name: str, knob_json: Any) -> str:
@@ -119,12 +91,7 @@ def knob_label(rule_name: str, knob_json: Any) -> str:
 
 def knob_from_json(rule_name: str, knob_json: Any) -> Any:
     """The ``make_rule`` knob of a JSON knob (inverse of :func:`knob_to_json`)."""
-    if rule_name == "pcee":
-        return (int(knob_json["t"]), float(knob_json["S"]))
-    if rule_name == "consistentee":
-        return float(knob_json["threshold"])
-    return knob_json
-
+    return RULES[rule_name].knob_from_json(knob_json)
 
 
 @dataclass
@@ -137,24 +104,25 @@ class FlopsSpec:
 
 
 def rule_flops_kwargs(rule_name: str, spec: FlopsSpec) -> dict[str, Any]:
-    """Keyword arguments of :func:`flops_speedup` for a rule.
+    """Keyword arguments of :func:`flops_speedup` for a rule, from what its decision costs
+    (:meth:`~consistentee.exits.rules.ExitRule.cost`).
 
-    Rules that read exit softmaxes run every exit classifier at every executed layer; ``learned``,
-    ``consistentee`` and ``static`` run the classifier only at the exit taken. ConsistentEE counts its
-    policies, ``learned`` its heads (``extra_flops_per_layer``). When the pooler is the pooling,
-    the rules that skip classifiers still pool at every layer (their decision reads the pooled state):
-    that is added per layer too, which overcounts one pooler at the exit (< 0.1% of a layer).
+    Rules that read exit softmaxes run every exit classifier at every executed layer; the others (``learned``,
+    ``consistentee``, ``static``) run the classifier only at the exit taken. ConsistentEE counts its policies,
+    ``learned`` its heads (``extra_flops_per_layer``). When the pooler is the pooling, the rules that skip
+    classifiers but read the pooled state still pool at every layer: that is added per layer too, which
+    overcounts one pooler at the exit (< 0.1% of a layer).
     """
-    heads_every_layer = rule_name in _PROB_RULES
+    cost = RULES[rule_name].cost()
     extra = 0.0
-    if rule_name in ("learned", "consistentee") and spec.pooler_used:
+    if cost.pooled_every_layer and spec.pooler_used:
         extra += 2.0 * spec.shape.hidden_size * spec.shape.hidden_size
-    if rule_name == "learned":
+    if cost.learned_head:
         extra += float(spec.learned_head_flops)
     return {
-        "with_policy": rule_name == "consistentee",
+        "with_policy": cost.policy,
         "pooler_used": spec.pooler_used,
-        "heads_every_layer": heads_every_layer,
+        "heads_every_layer": cost.every_classifier,
         "extra_flops_per_layer": extra,
     }
 
@@ -240,9 +208,9 @@ def build_candidates(
     beta's model), crossed with ``thresholds`` (or a quantile grid of that model's policy probabilities).
     """
     cls = RULES[rule_name]
-    if rule_name == "consistentee":
+    if cls.model_keyed:
         if not policy_tables:
-            raise ValueError("the consistentee rule needs the tables of at least one beta model")
+            raise ValueError(f"the {rule_name} rule needs the tables of at least one beta model")
         out = []
         for beta, (d, t) in sorted(policy_tables.items()):
             if thresholds is not None:
@@ -260,8 +228,7 @@ def build_candidates(
         grid = cls.data_grid(*_pooled(dev, test), points=grid_points)
     if grid is None:
         grid = cls.default_grid(num_classes=test.num_classes, num_layers=test.num_layers)
-    if rule_name == "static":
-        grid = [k for k in grid if k <= test.num_layers]
+    grid = [k for k in grid if cls.in_sweep(k, test.num_layers)]
     return [Candidate(rule_name, knob_to_json(rule_name, k), make_rule(rule_name, k), dev, test) for k in grid]
 
 

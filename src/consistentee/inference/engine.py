@@ -186,6 +186,8 @@ class EarlyExitEngine:
         active = torch.arange(n)  # host: original index of every running row, in order
         lengths = attention_mask.sum(dim=1).cpu() if self.trim else None  # host, one sync per call
         rule_state = rule.init_state(n, device)
+        path = None  # what "path" policies read of the exits already passed
+        keep_path = "policy_prob" in needs and model.policies_read_path
 
         with _autocast(device, self.autocast_dtype):
             state = model.embed(input_ids, attention_mask, token_type_ids)
@@ -201,7 +203,7 @@ class EarlyExitEngine:
                 signals = LayerSignals(
                     probs=probs if probs is not None else pooled.new_zeros((rows, 0)),
                     policy_prob=(
-                        model.policy_logits(index, pooled).float().sigmoid() if "policy_prob" in needs else None
+                        model.policy_logits(index, pooled, path).float().sigmoid() if "policy_prob" in needs else None
                     ),
                     learned_score=(
                         self.learned_heads.score(index, pooled).float() if "learned_score" in needs else None
@@ -209,6 +211,8 @@ class EarlyExitEngine:
                     labels=labels if "labels" in needs else None,
                 )
                 exit_, rule_state = rule.decide(layer, signals, rule_state)
+                if keep_path:
+                    path = model.advance_path(index, pooled, path)
                 exit_host = exit_.to(torch.bool).cpu()  # the one sync per layer
                 if exit_host.shape != (rows,):
                     raise RuntimeError(
@@ -233,6 +237,8 @@ class EarlyExitEngine:
                 active = active.index_select(0, keep)
                 state = state.select(keep_dev)
                 rule_state = select_state(rule_state, keep_dev)
+                if path is not None:
+                    path = path.select(keep_dev)
                 if labels is not None:
                     labels = labels.index_select(0, keep_dev)
                 if lengths is not None:

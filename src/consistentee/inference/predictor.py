@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from consistentee.data.tokenize import collate
-from consistentee.exits.rules import ExitRule, make_rule
+from consistentee.exits.rules import ExitRule, make_rule, parse_knob, rule_class
 from consistentee.inference.engine import EarlyExitEngine
-from consistentee.utils.knobs import check_knob_for_depth, parse_knob
 
 __all__ = ["RUN_MODEL_CANDIDATES", "EarlyExitPredictor", "parse_knob", "resolve_model_source"]
 
@@ -223,7 +222,7 @@ class EarlyExitPredictor:
         """
         from transformers import AutoTokenizer
 
-        from consistentee.inference.operating_point import load_operating_point
+        from consistentee.exits.operating_point import load_operating_point
         from consistentee.model.modeling import EarlyExitForSequenceClassification
         from consistentee.utils.runtime import resolve_device
 
@@ -285,12 +284,12 @@ class EarlyExitPredictor:
         if isinstance(rule, ExitRule):
             if knob is not None:
                 raise ValueError("pass the knob inside the ExitRule object, not separately")
-            check_knob_for_depth(rule.name, rule.knob, self.num_layers)
+            rule.check_depth(self.num_layers)
             return rule
-        if rule == "oracle":
-            raise ValueError("rule 'oracle' needs gold labels; it is for evaluation, not prediction")
+        if "labels" in rule_class(rule).needs:
+            raise ValueError(f"rule {rule!r} needs gold labels; it is for evaluation, not prediction")
         built = make_rule(rule, parse_knob(rule, knob) if isinstance(knob, str | float) else knob)
-        check_knob_for_depth(built.name, built.knob, self.num_layers)
+        built.check_depth(self.num_layers)
         if "learned_score" in built.needs and self.learned_heads is None:
             raise ValueError(f"rule {rule!r} needs learned exit heads (learned_heads_dir)")
         return built

@@ -14,7 +14,8 @@ from typing import Any
 from consistentee.model.constants import FORMAT_VERSION, WEIGHTS_NAME
 
 #: Hub ids of the built-in short model names (a local path is never written as ``base_model``).
-BUILTIN_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+BUILTIN_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                   "mpnet": "sentence-transformers/all-mpnet-base-v2"}
 
 
 def _hub_id(name: Any) -> str | None:

@@ -20,9 +20,12 @@ CARD_NAME = "README.md"
 PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
 
 POOLING_METHODS = ("pooler", "cls", "mean")
-POLICY_FEATURES = ("state", "state+confidence", "confidence")
+POLICY_FEATURES = ("state", "state+confidence", "confidence", "path")
 #: Number of classifier-derived features read by ``state+confidence`` and ``confidence``.
 CONFIDENCE_FEATURES = 3
+#: ``path`` reads the current exit's three plus: how many exits in a row agree with the current one (/ L),
+#: the previous exit's max probability, its change, and the layer's depth (/ L).
+PATH_FEATURES = CONFIDENCE_FEATURES + 4
 
 
 class ModelFormatError(ValueError):

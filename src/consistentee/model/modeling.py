@@ -34,6 +34,7 @@ from consistentee.model.constants import (
     CARD_NAME,
     CONFIDENCE_FEATURES,
     CONFIG_NAME,
+    PATH_FEATURES,
     PICKLE_NAMES,
     POLICY_FEATURES,
     WEIGHTS_NAME,
@@ -45,7 +46,7 @@ from consistentee.resources import resolve_model_path
 from consistentee.utils.io import atomic_directory
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "EarlyExitForSequenceClassification", "MultiExitOutput",
-           "PolicyNetwork", "resolve_model_dir", "sentence_embedding_pooling", "sha256_file"]
+           "PolicyNetwork", "PolicyPath", "resolve_model_dir", "sentence_embedding_pooling", "sha256_file"]
 
 #: Threshold of the ConsistentEE policy when a folder with trained policies stores no operating point.
 DEFAULT_POLICY_THRESHOLD = 0.5
@@ -73,6 +74,26 @@ class PolicyNetwork(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.net(pooled).squeeze(-1)
+
+
+@dataclass
+class PolicyPath:
+    """What ``path`` policies remember of the exits a row has already passed (PABEE's agreement counter and
+    the previous exit's confidence), so a policy can tell a settled prediction from a lucky confident one."""
+
+    #: [B] argmax of the latest exit.
+    prediction: torch.Tensor
+    #: [B] how many exits in a row, up to the latest, predict the same class (>= 1).
+    agree: torch.Tensor
+    #: [B] max probability of the latest exit.
+    max_prob: torch.Tensor
+
+    def select(self, rows: torch.Tensor) -> PolicyPath:
+        """The rows still running (``rows``: indices or a boolean mask)."""
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().squeeze(1)
+        return PolicyPath(self.prediction.index_select(0, rows), self.agree.index_select(0, rows),
+                          self.max_prob.index_select(0, rows))
 
 
 @dataclass
@@ -152,7 +173,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
             raise ModelFormatError(f"unknown policy features {features!r}; choose one of {', '.join(POLICY_FEATURES)}")
         self.config.policy_features, self.config.policy_hidden_size = features, hidden_size
         inputs = {"state": self.backbone.hidden_size, "state+confidence": self.backbone.hidden_size + CONFIDENCE_FEATURES,
-                  "confidence": CONFIDENCE_FEATURES}[features]
+                  "confidence": CONFIDENCE_FEATURES, "path": PATH_FEATURES}[features]
         device = self.exits[0].weight.device
         self.policies = nn.ModuleList(
             PolicyNetwork(inputs, hidden_size) for _ in range(self.backbone.num_layers - 1)
@@ -218,15 +239,46 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
     def exit_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         return self.exits[index](self.dropout(pooled))
 
-    def policy_logits(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+    @property
+    def policies_read_path(self) -> bool:
+        """Whether the policies read a :class:`PolicyPath` (callers then keep one with :meth:`advance_path`)."""
+        return self.config.policy_features == "path"
+
+    def policy_logits(self, index: int, pooled: torch.Tensor, path: PolicyPath | None = None) -> torch.Tensor:
+        """Logit of exiting after layer ``index``; ``path`` policies also read ``path``, the summary of the
+        exits before this one (None at the first layer)."""
         if index >= self.num_layers - 1:
             raise IndexError("the last layer has no policy: exiting there is forced")
         features = self.config.policy_features
         if features == "confidence":
             return self.policies[index](self.confidence_features(index, pooled))
+        if features == "path":
+            return self.policies[index](self.path_features(index, pooled, path))
         if features == "state+confidence":
             pooled = torch.cat([pooled, self.confidence_features(index, pooled)], dim=-1)
         return self.policies[index](pooled)
+
+    def advance_path(self, index: int, pooled: torch.Tensor, path: PolicyPath | None) -> PolicyPath:
+        """``path`` after exit ``index`` (no gradient: the policy reads the classifiers, it does not train them)."""
+        with torch.no_grad():
+            max_prob, prediction = self.exits[index](pooled).float().softmax(-1).max(-1)
+            if path is None:
+                agree = torch.ones_like(max_prob)
+            else:
+                agree = torch.where(prediction == path.prediction, path.agree + 1, torch.ones_like(path.agree))
+        return PolicyPath(prediction, agree, max_prob)
+
+    def path_features(self, index: int, pooled: torch.Tensor, path: PolicyPath | None) -> torch.Tensor:
+        """[B, PATH_FEATURES]: the current exit's confidence features, then the agreement run including it,
+        the previous max probability, the change in max probability (both 0 at the first layer) and the
+        depth, the counts scaled by the number of layers."""
+        current = self.confidence_features(index, pooled)
+        now = self.advance_path(index, pooled, path)
+        prev = torch.zeros_like(now.max_prob) if path is None else path.max_prob
+        delta = torch.zeros_like(prev) if path is None else now.max_prob - prev
+        depth = torch.full_like(prev, (index + 1) / self.num_layers)
+        extra = torch.stack([now.agree / self.num_layers, prev, delta, depth], dim=-1)
+        return torch.cat([current, extra.to(current.dtype)], dim=-1)
 
     def confidence_features(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         """[B, 3] max probability, entropy / ln C and top-2 margin of exit ``index`` (no dropout, no gradient:
@@ -279,13 +331,16 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         state = self.embed(input_ids, attention_mask, token_type_ids)
         logits, policies, pooled_states = [], [], []
+        path = None
         for i in range(self.num_layers):
             state, pooled = self.run_layer(i, state)
             if return_pooled:
                 pooled_states.append(pooled)
             logits.append(self.exit_logits(i, pooled))
             if i < self.num_layers - 1:
-                policies.append(self.policy_logits(i, pooled))
+                policies.append(self.policy_logits(i, pooled, path))
+                if self.policies_read_path:
+                    path = self.advance_path(i, pooled, path)
         exit_logits = torch.stack(logits, dim=1)
         policy_logits = torch.stack(policies, dim=1) if policies else logits[0].new_zeros(len(logits[0]), 0)
         policy_probs = policy_logits.float().sigmoid()
@@ -387,7 +442,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
             data["weights_sha256"] = sha256_file(tmp / WEIGHTS_NAME)
             (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
             if self.operating_point is not None:
-                from consistentee.inference.operating_point import save_operating_point
+                from consistentee.exits.operating_point import save_operating_point
 
                 save_operating_point(tmp, self.operating_point)
             if tokenizer is not None:
@@ -436,7 +491,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
         config._name_or_path = str(pretrained_model_name_or_path)
         model = cls(config, backbone_from_config(config.backbone_config(str(config_path))))
         _load_weights(model, directory, raw, target)
-        from consistentee.inference.operating_point import load_operating_point
+        from consistentee.exits.operating_point import load_operating_point
 
         model.operating_point = load_operating_point(directory)
         model.policies_trained = model.policies_trained or _finished_policy_run(directory)

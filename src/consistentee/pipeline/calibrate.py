@@ -5,9 +5,10 @@ candidates at quantiles of its own score -> Learn-then-Test (:mod:`consistentee.
 -> ``operating_point.json`` in the model folder, which predict, serve and the Python API then use when no
 knob is given.
 
-The guarantee: with probability at least ``1 - delta`` over the draw of the calibration split, the chosen
-knob's expected loss against the model's own full depth is at most the budget, for inputs drawn like that
-split. It says nothing about inputs from another distribution.
+The guarantee (``guarantee``, default ``expected+unseen``): with probability at least ``1 - delta`` over the
+draw of the calibration split, the chosen knob's expected loss against the model's own full depth is at most
+the budget (finite-sample), and so is its mean loss on ``unseen_rows`` new inputs (normal approximation),
+for inputs drawn like that split. It says nothing about inputs from another distribution.
 """
 
 from __future__ import annotations
@@ -22,20 +23,21 @@ import torch
 
 from consistentee.evaluation.calibration import (
     DEFAULT_DELTA,
+    DEFAULT_METHOD,
     LOSS_DEFINITIONS,
     LOSSES,
+    METHOD_DEFINITIONS,
+    METHODS,
     calibrate,
     outcomes_from_points,
 )
 from consistentee.evaluation.sweep import EvalTables, build_candidates, sweep
-from consistentee.evaluation.tables import collect_exit_tables
-from consistentee.inference.operating_point import OperatingPoint, save_operating_point
+from consistentee.exits.operating_point import OperatingPoint, save_operating_point
+from consistentee.exits.rules import CALIBRATION_RULES, RULES
+from consistentee.exits.tables import collect_exit_tables
 
 __all__ = ["CALIBRATION_RULES", "CalibrationConfig", "calibrate_model", "default_rule", "model_folder",
            "tables_for_split"]
-
-#: rules a model folder carries every signal for (learned exit heads live in a run directory, the oracle reads labels).
-CALIBRATION_RULES = ("consistentee", "confidence", "entropy", "patience", "pcee", "static")
 
 
 @dataclass
@@ -54,6 +56,10 @@ class CalibrationConfig:
     grid_points: int = 200
     #: seed of the example order the WSR p-value reads.
     seed: int = 0
+    #: what is guaranteed: expected+unseen (default), expected, or unseen (see evaluation.calibration).
+    guarantee: str = DEFAULT_METHOD
+    #: how many unseen inputs the budget must hold on (tests with "unseen"); None: the calibration split's size.
+    unseen_rows: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_loss < 100.0:
@@ -63,6 +69,10 @@ class CalibrationConfig:
         if self.rule != "auto" and self.rule not in CALIBRATION_RULES:
             raise ValueError(f"--rule {self.rule!r} cannot be calibrated on a model folder; choose auto or one of "
                              f"{', '.join(CALIBRATION_RULES)}")
+        if self.guarantee not in METHODS:
+            raise ValueError(f"--guarantee must be one of {', '.join(METHODS)}, got {self.guarantee!r}")
+        if self.unseen_rows is not None and self.unseen_rows < 1:
+            raise ValueError(f"--unseen-rows must be >= 1, got {self.unseen_rows}")
         if self.loss not in LOSSES:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.grid_points < 2:
@@ -87,22 +97,28 @@ def calibrate_model(
     """
     rule = default_rule(model_dir, model.config) if cfg.rule == "auto" else cfg.rule
     n = len(tables)
-    policy_tables = {0.0: (tables, tables)} if rule == "consistentee" else None
+    policy_tables = {0.0: (tables, tables)} if RULES[rule].model_keyed else None
     points = sweep(build_candidates(rule, tables, tables, policy_tables=policy_tables, grid_points=cfg.grid_points))
     outcomes = outcomes_from_points(rule, points, tables, tables)
     rows = np.arange(n)  # the dev half of the pooled outcomes is the calibration split
+    unseen = cfg.unseen_rows or n
     choice = calibrate(outcomes, rows, max_loss_points=cfg.max_loss, delta=cfg.delta, loss=cfg.loss,
-                       order_seed=cfg.seed)
+                       order_seed=cfg.seed, method=cfg.guarantee, test_size=unseen)
     full = float(tables.full_depth()["accuracy"])
     if choice.index is None:
         chosen_rule, knob, acc, speed = "static", tables.num_layers, full, 1.0
     else:
         p = points[choice.index]
-        chosen_rule, knob = rule, p.knob["threshold"] if rule == "consistentee" else p.knob
+        chosen_rule, knob = rule, RULES[rule].knob_from_json(p.knob)  # the knob without the model key
         acc, speed = float(p.dev["accuracy"]), float(p.dev["layer_speedup"])
     summary = {
         "method": "learn-then-test (fixed-sequence testing, "
-                  + ("WSR" if cfg.loss == "accuracy_drop" else "Hoeffding-Bentkus") + " p-values)",
+                  + {"expected": "", "unseen": "normal-approximation ",
+                     "expected+unseen": "normal-approximation and "}[cfg.guarantee]
+                  + ("" if cfg.guarantee == "unseen" else
+                     "WSR " if cfg.loss == "accuracy_drop" else "Hoeffding-Bentkus ") + "p-values)",
+        "guarantee": cfg.guarantee, "guarantee_definition": METHOD_DEFINITIONS[cfg.guarantee],
+        "unseen_rows": None if cfg.guarantee == "expected" else unseen,
         "rule_searched": rule, "max_loss_points": cfg.max_loss, "delta": cfg.delta, "loss": cfg.loss,
         "loss_definition": LOSS_DEFINITIONS[cfg.loss], "calibration_examples": n, "candidates": len(points),
         "certified": choice.certified, "seed": cfg.seed,

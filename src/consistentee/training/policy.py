@@ -38,6 +38,13 @@ from consistentee.training.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from consistentee.training.distributed import (
+    all_finite,
+    all_reduce_grads,
+    is_main_process,
+    on_main,
+    process_sum,
+)
 from consistentee.training.rl import (
     ADVANTAGE_NORMS,
     HARDNESS,
@@ -45,9 +52,9 @@ from consistentee.training.rl import (
     REWARDS,
     EpsilonSchedule,
     group_baseline_advantage,
-    loss_hardness_weight,
     make_reward,
-    memorized_hardness_weight,
+    reward_quality,
+    weight_from_hardness,
 )
 from consistentee.training.rollout import ActionNoise, repeat_batch, rollout
 from consistentee.training.run import (
@@ -78,48 +85,55 @@ class PolicyConfig:
     """Settings of ConsistentEE policy learning (every field is a CLI option)."""
 
     beta: float = field(default=0.05, metadata={"help": "depth cost per layer in the reward (>= 0)"})
-    reward: str = field(default="hardness", metadata={
+    reward: str = field(default="hardness", metadata={"advanced": True,
         "help": "hardness: log q - beta*w(x)*e; cost: log q - beta*e; accuracy: log q", "choices": tuple(REWARDS)})
-    reward_quality: str = field(default="correct", metadata={
+    reward_quality: str = field(default="correct", metadata={"advanced": True,
         "help": "the reward's quality term at the exit taken: log_prob (log q_e(y|x), docs/method.md) or correct "
                 "(1 when the exit's argmax is the label, else 0: the accuracy the model is judged by; log q punishes "
                 "a confident early mistake so hard that policies learn to avoid shallow exits)",
         "choices": REWARD_QUALITIES})
-    hardness: str = field(default="memorized", metadata={
+    hardness: str = field(default="memorized", metadata={"advanced": True,
         "help": "hardness signal w(x): memorized (1 - m/L) or loss (from the stage-1 final exit's loss)",
         "choices": tuple(HARDNESS)})
-    advantage_norm: str = field(default="batch_std", metadata={
+    advantage_norm: str = field(default="batch_std", metadata={"advanced": True,
         "help": "group_std: divide each example's advantages by the std of its K rewards (stops hard inputs from "
                 "drowning easy ones); batch_std: divide all advantages by one batch-wide scale (keeps the ratio "
                 "between inputs; use it with --reward-quality correct); none: the plain group-mean baseline",
         "choices": ADVANTAGE_NORMS})
-    policy_features: str = field(default="confidence", metadata={
+    policy_features: str = field(default="confidence", metadata={"advanced": True,
         "help": "what the policies read: state (the pooled layer state), state+confidence (also max probability, "
                 "entropy and top-2 margin of that layer's exit classifier), or confidence (those three alone)",
         "choices": POLICY_FEATURES})
     rollouts: int = field(default=8, metadata={"help": "K: rollouts per example (fresh dropout and actions)"})
     rounds: int = field(default=1, metadata={"help": "alternations of stage 2 and stage 3"})
-    policy_epochs: int = field(default=1, metadata={"help": "stage-2 (policy only) epochs per round"})
+    policy_epochs: int = field(default=3, metadata={"help": "stage-2 (policy only) epochs per round"})
     joint_epochs: int = field(default=1, metadata={"help": "stage-3 (consistent joint) epochs per round; 0 skips it"})
     policy_batch_size: int = field(default=32, metadata={"help": "examples per step (each rolled out K times)"})
     policy_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of the policies"})
-    joint_learning_rate: float = field(default=2e-5, metadata={"help": "stage-3 learning rate of the backbone"})
-    joint_head_learning_rate: float = field(default=2e-4, metadata={
+    joint_learning_rate: float = field(default=2e-5, metadata={"advanced": True,
+        "help": "stage-3 learning rate of the backbone"})
+    joint_head_learning_rate: float = field(default=2e-4, metadata={"advanced": True,
         "help": "stage-3 learning rate of the classifiers and policies"})
-    joint_loss: str = field(default="sampled", metadata={
+    joint_loss: str = field(default="sampled", metadata={"advanced": True,
         "help": "stage-3 classifier loss: sampled (CE at the exit taken) or expected (CE weighted by the "
                 "detached exit distribution)", "choices": JOINT_LOSSES})
-    epsilon_start: float = field(default=0.0, metadata={"help": "epsilon-greedy exploration at the first step"})
-    epsilon_end: float = field(default=0.0, metadata={"help": "epsilon after the decay"})
-    epsilon_decay_steps: int = field(default=0, metadata={"help": "steps of linear epsilon decay"})
-    refresh_memorized: bool = field(default=False, metadata={"help": "recompute memorized layers between rounds"})
+    epsilon_start: float = field(default=0.0, metadata={"advanced": True,
+        "help": "epsilon-greedy exploration at the first step"})
+    epsilon_end: float = field(default=0.0, metadata={"advanced": True, "help": "epsilon after the decay"})
+    epsilon_decay_steps: int = field(default=0, metadata={"advanced": True,
+        "help": "steps of linear epsilon decay"})
+    refresh_memorized: bool = field(default=False, metadata={"advanced": True,
+        "help": "recompute memorized layers between rounds"})
     policy_train_examples: int | None = field(default=None, metadata={
         "help": "roll out on a seeded subset of the training split (all of it when unset)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints"})
-    eval_batch_size: int = field(default=128, metadata={"help": "batch size of the dev evaluation"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, dropout and sampled actions"})
-    mixed_precision: str = field(default="auto", metadata={
+    max_grad_norm: float = field(default=1.0, metadata={"advanced": True, "help": "gradient clipping norm"})
+    checkpoint_every: int = field(default=50, metadata={"advanced": True,
+        "help": "steps between checkpoints"})
+    eval_batch_size: int = field(default=128, metadata={"advanced": True,
+        "help": "batch size of the dev evaluation"})
+    seed: int = field(default=0, metadata={"advanced": True,
+        "help": "seed of data order, dropout and sampled actions"})
+    mixed_precision: str = field(default="auto", metadata={"advanced": True,
         "help": "auto (bf16/fp16 on GPU), no, fp16, bf16", "choices": ("auto", "no", "fp16", "bf16")})
 
     def __post_init__(self) -> None:
@@ -204,9 +218,10 @@ def hardness_weights(run_dir: Path, data: PreparedData, cfg: PolicyConfig, num_l
         table, saved_layers = memorized.load_memorized(run_dir, memorized_file)
         if saved_layers != num_layers:
             raise ValueError(f"memorized layers were computed for {saved_layers} layers, the model has {num_layers}")
-        return memorized_hardness_weight(memorized.lookup(table, ids), num_layers)
-    losses = memorized.lookup(memorized.load_final_exit_loss(run_dir, memorized_file), ids, dtype=torch.float32)
-    return loss_hardness_weight(losses)
+        signal = memorized.lookup(table, ids)
+    else:
+        signal = memorized.lookup(memorized.load_final_exit_loss(run_dir, memorized_file), ids, dtype=torch.float32)
+    return weight_from_hardness(cfg.hardness, signal, num_layers)
 
 
 def evaluate_policy(model, data: PreparedData, split: str = "dev", threshold: float = 0.5, *, batch_size: int = 128,
@@ -238,7 +253,7 @@ def train_policy(
         raise ValueError(f"{out} was trained with other settings ({', '.join(changed)}); "
                          "use another --run-dir or delete that directory")
     if state.get("complete"):
-        if _is_main_process():
+        if is_main_process():
             log(f"beta {cfg.beta:g}: already trained ({model_dir})")
         return model_dir
     state["config"] = asdict(cfg)
@@ -301,12 +316,6 @@ def train_policy(
         write_json(progress_path, state)
     accelerator.wait_for_everyone()
     return model_dir
-
-
-def _is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 #: Settings that may change between a run and its resumption without changing what is trained.
@@ -390,18 +399,15 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             with accelerator.autocast():
                 ro = rollout(model, batch, train_backbone=joint, epsilon=eps, noise=noise,
                              expected_ce=joint and cfg.joint_loss == "expected")
-            quality = ro.log_q_exit.detach() if cfg.reward_quality == "log_prob" else ro.correct.to(ro.log_q_exit.dtype)
+            quality = reward_quality(cfg.reward_quality, ro.log_q_exit, ro.correct)
             reward = reward_fn(quality, ro.exit_layer, weights[batch["index"]], num_layers)
-            total = (lambda x: accelerator.reduce(x, reduction="sum")) if world > 1 else None
+            total = (lambda x: process_sum(accelerator, x)) if world > 1 else None
             advantage = group_baseline_advantage(reward, k, cfg.advantage_norm, weight=row_weight, total=total)
             loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
                 loss = loss + (ce * row_weight).sum()
-            finite = torch.isfinite(loss.detach()).float()
-            if world > 1:
-                finite = accelerator.reduce(finite, reduction="mean")  # every process stops together
-            if finite.item() < 1:
+            if not all_finite(accelerator, loss):  # every process stops together
                 raise NonFiniteLossError(
                     f"beta {cfg.beta:g} {unit} epoch {epoch + 1} step {global_step + 1}: the loss is not finite "
                     f"({loss.item()}); stopped without saving the model (lower --policy-learning-rate / "
@@ -437,25 +443,6 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     return log_rows
 
 
-def all_reduce_grads(accelerator: Accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Mean of every trainable gradient over processes, in one collective with the same layout everywhere."""
-    flat = torch.cat([
-        torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float(),
-                   torch.ones(1, device=p.device) if p.grad is not None else torch.zeros(1, device=p.device)])
-        for p in params
-    ])
-    flat = accelerator.reduce(flat, reduction="sum")
-    offset = 0
-    world = accelerator.num_processes
-    for p in params:
-        n = p.numel()
-        if flat[offset + n].item() > 0:  # some process has a gradient for it
-            p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
-        else:
-            p.grad = None
-        offset += n + 1
-
-
 def _log_row(accelerator, unit, epoch, step, loss, reward, ro, real, num_layers, eps) -> dict:
     """One log.csv row for a global step: sums over the real rollouts of every process."""
     real_f = real.float()
@@ -466,9 +453,7 @@ def _log_row(accelerator, unit, epoch, step, loss, reward, ro, real, num_layers,
                      (ro.decisions.float() * real_f).sum(), loss.detach().float()]).cpu(),
         hist,
     ]).to(accelerator.device)
-    if accelerator.num_processes > 1:
-        stats = accelerator.reduce(stats, reduction="sum")
-    stats = stats.cpu()
+    stats = process_sum(accelerator, stats).cpu()
     count, reward_sum, exit_sum, correct_sum, entropy_sum, decisions, loss_sum = stats[:7].tolist()
     return {"unit": unit, "epoch": epoch, "step": step, "loss": round(loss_sum / accelerator.num_processes, 6),
             "reward": round(reward_sum / count, 6), "mean_exit_layer": round(exit_sum / count, 4),
@@ -479,15 +464,15 @@ def _log_row(accelerator, unit, epoch, step, loss, reward, ro, real, num_layers,
 
 def _checkpoint(accelerator, ckpt_dir, model, optimizer, scheduler, generator, unit, epoch, step, global_step,
                 log_path, log_rows) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def write() -> None:
         save_checkpoint(ckpt_dir, model, {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(), "unit": unit, "epoch": epoch, "step": step,
             "global_step": global_step,
         })
         _write_log(log_path, log_rows)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, write)
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

@@ -1,6 +1,11 @@
 """Reinforcement-learning math of ConsistentEE policy training (docs/method.md sections 3-5).
 
-Pure tensor functions, independent of any model, so that the estimator can be tested on its own.
+Pure tensor functions, independent of any model, so that the estimator can be tested on its own. One
+implementation for both trainers: the encoder's policy stages (:mod:`.policy`, one episode per example, tensors
+``[N]``) and the decoder's per-token stage 2 (:mod:`consistentee.generation.training`, one episode per token,
+tensors ``[N, T]``): the rewards (:data:`REWARDS`, :func:`reward_quality`), the hardness weights
+(:data:`HARDNESS`, :func:`weight_from_hardness`) and the group-baseline advantage are elementwise or take flat
+groups, so the same functions serve both.
 
 Conventions
 -----------
@@ -34,6 +39,7 @@ __all__ = [
     "clamp_probs",
     "cost_only_reward",
     "decisions_reached",
+    "depth_cost_reward",
     "exit_distribution",
     "expected_exit_ce",
     "group_baseline_advantage",
@@ -45,9 +51,11 @@ __all__ = [
     "memorized_hardness_weight",
     "policy_entropy",
     "policy_gradient_loss",
+    "reward_quality",
     "sample_exit_actions",
     "sample_exit_layers",
     "trajectory_log_prob",
+    "weight_from_hardness",
 ]
 
 DEFAULT_EPS = 1e-6
@@ -232,6 +240,16 @@ def sample_exit_layers(
 REWARD_QUALITIES = ("log_prob", "correct")
 
 
+def reward_quality(kind: str, log_q_exit: Tensor, correct: Tensor) -> Tensor:
+    """The quality term of the reward at the exit taken (detached, the dtype of ``log_q_exit``): ``log_prob``,
+    log q_e(target), or ``correct``, 1 where the exit's argmax is the target and 0 elsewhere."""
+    if kind == "log_prob":
+        return log_q_exit.detach()
+    if kind == "correct":
+        return correct.to(log_q_exit.dtype)
+    raise ValueError(f"reward quality must be one of {', '.join(REWARD_QUALITIES)}, got {kind!r}")
+
+
 class RewardFn(Protocol):
     """Terminal reward of an episode; returns a detached ``[N]`` tensor. ``log_q_exit`` is the quality term at the
     exit taken: log q_e(y|x) by default, or the 0/1 correctness (``REWARD_QUALITIES``)."""
@@ -244,6 +262,16 @@ class RewardFn(Protocol):
 def _check_beta(beta: float) -> None:
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+
+
+def depth_cost_reward(quality: Tensor, exit_layer: Tensor, weight: Tensor | None, beta: float) -> Tensor:
+    """R = quality - beta * w * e, detached (w = 1 when ``weight`` is None): the reward of every form but
+    ``accuracy``. Elementwise: an episode per example (``[N]``) or per token (``[N, T]``)."""
+    q = quality.detach()
+    depth = exit_layer.to(q.dtype)
+    if weight is None:
+        return (q - beta * depth).detach()
+    return (q - beta * weight.detach().to(q.dtype) * depth).detach()
 
 
 def hardness_guided_reward(beta: float) -> RewardFn:
@@ -259,9 +287,7 @@ def hardness_guided_reward(beta: float) -> RewardFn:
     ) -> Tensor:
         if hardness_weight is None:
             raise ValueError("hardness_guided_reward needs a hardness_weight tensor")
-        log_q = log_q_exit.detach()
-        depth = exit_layer.to(log_q.dtype)
-        return (log_q - beta * hardness_weight.detach().to(log_q.dtype) * depth).detach()
+        return depth_cost_reward(log_q_exit, exit_layer, hardness_weight, beta)
 
     return reward
 
@@ -273,8 +299,7 @@ def cost_only_reward(beta: float) -> RewardFn:
     def reward(
         log_q_exit: Tensor, exit_layer: Tensor, hardness_weight: Tensor | None, num_layers: int
     ) -> Tensor:
-        log_q = log_q_exit.detach()
-        return (log_q - beta * exit_layer.to(log_q.dtype)).detach()
+        return depth_cost_reward(log_q_exit, exit_layer, None, beta)
 
     return reward
 
@@ -352,6 +377,21 @@ HARDNESS: dict[str, Callable[..., Tensor]] = {
     "memorized": memorized_hardness_weight,  # (memorized_layer, num_layers)
     "loss": loss_hardness_weight,  # (final_exit_loss, normalization="exp")
 }
+
+
+def weight_from_hardness(kind: str, signal: Tensor, num_layers: int, floor: float = 0.0) -> Tensor:
+    """The hardness weight w of every episode from its hardness signal (any shape): ``memorized`` (memorized
+    layers, w = 1 - m/L) or ``loss`` (the final exit's loss, w = exp(-loss)); with a ``floor`` f > 0,
+    f + (1 - f) * w, so that depth costs something for every input, the hardest least (f = 1: w = 1)."""
+    if kind == "memorized":
+        weight = memorized_hardness_weight(signal, num_layers)
+    elif kind == "loss":
+        weight = loss_hardness_weight(signal)
+    else:
+        raise ValueError(f"unknown hardness signal {kind!r}; choose one of {', '.join(HARDNESS)}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"the hardness floor must lie in [0, 1], got {floor}")
+    return weight if floor == 0.0 else floor + (1.0 - floor) * weight
 
 
 # --------------------------------------------------------------------------- estimators and losses

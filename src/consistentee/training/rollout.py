@@ -110,6 +110,7 @@ def rollout(
     entropy_sum = torch.zeros(rows, device=device)
     decisions = torch.zeros(rows, device=device)
     policy_probs, layer_ce = [], []
+    path = None  # what "path" policies read of the exits already passed
 
     for i in range(num_layers):
         with grad_ctx():
@@ -119,7 +120,9 @@ def rollout(
         if last:
             exits = torch.ones(len(active), dtype=torch.bool, device=device)
         else:
-            p = clamp_probs(torch.sigmoid(model.policy_logits(i, pooled).float()))
+            p = clamp_probs(torch.sigmoid(model.policy_logits(i, pooled, path).float()))
+            if model.policies_read_path:
+                path = model.advance_path(i, pooled, path)
             if noise is not None:
                 exits = noise.actions(i, active, p, epsilon)
             else:
@@ -157,6 +160,8 @@ def rollout(
             break
         active = active[keep]
         state = state.select(keep.nonzero().squeeze(1))
+        if path is not None:
+            path = path.select(keep)
         if trim:
             state = state.trim()
 

@@ -35,11 +35,11 @@ from consistentee.data import (
     load_splits,
 )
 from consistentee.data.dataset import seeded_order
-from consistentee.evaluation.tables import ExitTables, collect_exit_tables
+from consistentee.exits.tables import ExitTables, collect_exit_tables
 from consistentee.model.configuration import MODEL_KIND
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.resources import DEFAULT_MODEL, resolve_model_path
-from consistentee.training import memorized
+from consistentee.training.distributed import barrier, is_main_process
 from consistentee.training.stage1 import NonFiniteLossError, Stage1Config, stage1_complete, train_stage1
 from consistentee.utils.io import read_json, write_json
 from consistentee.utils.runtime import resolve_device
@@ -88,12 +88,13 @@ class ModelConfig:
     """Which pretrained encoder gets the exits, and how its layer states are pooled."""
 
     model: str = field(default=DEFAULT_MODEL, metadata={
-        "help": "built-in short name (minilm), a local Hugging Face model directory or a hub id", "metavar": "MODEL"})
+        "help": "built-in short name (minilm, mpnet), a local Hugging Face model directory or a hub id", "metavar": "MODEL"})
     pooling: str = field(default="auto", metadata={
         "help": "auto (the trained pooler when the checkpoint has one, else mean), pooler, cls, mean",
         "choices": POOLING_CHOICES})
-    policy_hidden_size: int = field(default=32, metadata={"help": "hidden width of each policy MLP"})
-    classifier_dropout: float | None = field(default=None, metadata={
+    policy_hidden_size: int = field(default=32, metadata={"advanced": True,
+        "help": "hidden width of each policy MLP"})
+    classifier_dropout: float | None = field(default=None, metadata={"advanced": True,
         "help": "dropout on the pooled state before each exit classifier (none: the backbone config's "
                 "classifier_dropout when set, else 0.1)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: unsafe)"})
@@ -352,7 +353,7 @@ def run_stage1(
         )
     except (OSError, TypeError) as exc:
         raise _model_error(model_cfg.model, exc) from None
-    main = _is_main_process()
+    main = is_main_process()
     created = not run_dir.exists()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,19 +388,6 @@ def _classifier_dropout(model_cfg: ModelConfig) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.1
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a launched job, or a plain single process (no process group needed to ask)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _barrier() -> None:
-    """Wait for every process of a launched job (nothing to do in a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-
 def load_run_model(run_dir: str | Path, device: str = "auto") -> tuple[EarlyExitForSequenceClassification, PreparedData]:
     """The stage-1 model of a run and its data, tokenised with the run's own tokenizer and labels."""
     run_dir = Path(run_dir)
@@ -421,54 +409,19 @@ def split_tables(model, data: PreparedData, split: str, *, batch_size: int = 128
                                progress=progress, desc=split)
 
 
-def run_memorize(run_dir: str | Path, *, device: str = "auto", batch_size: int = 128, progress: bool = True,
-                 log=print) -> torch.Tensor:
-    """Memorized layers of the training set under the stage-1 model; writes JSON, PNG and prints a histogram.
-
-    Single-process work: under ``accelerate launch`` rank 0 computes and writes, the other ranks wait and then
-    read the saved layers."""
-    from consistentee.evaluation.plots import plot_histogram
-
-    run_dir = Path(run_dir)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not _is_main_process():
-        _barrier()
-        table, _ = memorized.load_memorized(run_dir)
-        _, data = load_run_model(run_dir, "cpu")
-        return memorized.lookup(table, data.splits.train.ids)
-    try:
-        return _memorize(run_dir, device, batch_size, progress, log, plot_histogram)
-    finally:
-        _barrier()
-
-
-def _memorize(run_dir: Path, device, batch_size, progress, log, plot_histogram) -> torch.Tensor:
-    model, data = load_run_model(run_dir, device)
-    tables = split_tables(model, data, "train", batch_size=batch_size, progress=progress)
-    layers = memorized.memorized_layers(tables.predictions(), tables.labels)
-    losses = memorized.final_exit_loss(tables.probs, tables.labels)
-    path = memorized.save_memorized(run_dir, data.splits.train.ids, layers, model.num_layers, losses)
-    plot_histogram(layers.numpy(), model.num_layers, "memorized layer of training examples",
-                   run_dir / "memorized_layers.png")
-    log(memorized.histogram_text(layers, model.num_layers))
-    log(f"memorized layers written to {path} and {run_dir / 'memorized_layers.png'}")
-    return layers
-
-
 def run_evaluate(run_dir: str | Path, split: str = "test", *, device: str = "auto", batch_size: int = 128,
                  progress: bool = True, log=print) -> dict:
     """Accuracy of every exit on a split, written to ``eval_<split>.json`` (rank 0 only under a launcher)."""
     run_dir = Path(run_dir)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not _is_main_process():
-        _barrier()
+    if not is_main_process():
+        barrier()
         return read_json(run_dir / f"eval_{split}.json")
     try:
         return _evaluate(run_dir, split, device, batch_size, progress, log)
     finally:
-        _barrier()
+        barrier()
 
 
 def _evaluate(run_dir: Path, split: str, device, batch_size, progress, log) -> dict:

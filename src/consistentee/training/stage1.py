@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from consistentee.evaluation.tables import collect_exit_tables
+from consistentee.exits.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.training.checkpoint import (
     find_checkpoint,
@@ -38,6 +38,7 @@ from consistentee.training.checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from consistentee.training.distributed import all_finite, on_main, process_mean
 from consistentee.utils.io import read_json, write_json
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
@@ -50,16 +51,24 @@ class Stage1Config:
 
     epochs: int = field(default=2, metadata={"help": "epochs (per phase for the deebert recipe)"})
     batch_size: int = field(default=32, metadata={"help": "training batch size per process"})
-    eval_batch_size: int = field(default=128, metadata={"help": "batch size for dev evaluation"})
+    eval_batch_size: int = field(default=128, metadata={"advanced": True,
+        "help": "batch size for dev evaluation"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate of the pretrained backbone"})
-    head_learning_rate: float = field(default=5e-4, metadata={"help": "peak learning rate of the new exit heads"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "fraction of steps with linear warm-up"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    recipe: str = field(default="pabee", metadata={"help": "pabee (weighted joint CE) or deebert (two stages)", "choices": RECIPES})
-    checkpoint_every: int = field(default=50, metadata={"help": "steps between checkpoints (also at each epoch end)"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, dropout and head initialisation"})
-    mixed_precision: str = field(default="auto", metadata={"help": "auto (bf16/fp16 on GPU, none on CPU), no, fp16, bf16",
+    head_learning_rate: float = field(default=5e-4, metadata={"advanced": True,
+        "help": "peak learning rate of the new exit heads"})
+    weight_decay: float = field(default=0.01, metadata={"advanced": True,
+        "help": "AdamW weight decay (not on biases and norms)"})
+    warmup_ratio: float = field(default=0.1, metadata={"advanced": True,
+        "help": "fraction of steps with linear warm-up"})
+    max_grad_norm: float = field(default=1.0, metadata={"advanced": True, "help": "gradient clipping norm"})
+    recipe: str = field(default="pabee", metadata={"advanced": True,
+        "help": "pabee (weighted joint CE) or deebert (two stages)", "choices": RECIPES})
+    checkpoint_every: int = field(default=50, metadata={"advanced": True,
+        "help": "steps between checkpoints (also at each epoch end)"})
+    seed: int = field(default=0, metadata={"advanced": True,
+        "help": "seed of data order, dropout and head initialisation"})
+    mixed_precision: str = field(default="auto", metadata={"advanced": True,
+        "help": "auto (bf16/fp16 on GPU, none on CPU), no, fp16, bf16",
                                                      "choices": ("auto", "no", "fp16", "bf16")})
 
     def __post_init__(self) -> None:
@@ -291,10 +300,7 @@ def train_stage1(
                 example_weights = torch.tensor(shard.weights, device=accelerator.device)
                 out = prepared(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 loss = multi_exit_loss(out.exit_logits, batch["labels"], phase.exit_weights, example_weights)
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="mean")  # every process stops together
-                if finite.item() < 1:
+                if not all_finite(accelerator, loss):  # every process stops together
                     raise NonFiniteLossError(
                         f"stage 1 [{phase.name}] epoch {epoch + 1} step {step + 1}: the loss is not finite "
                         f"({loss.item()}); stopped without saving the model (lower --learning-rate / "
@@ -305,9 +311,7 @@ def train_stage1(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-                step_loss = loss.detach()
-                if accelerator.num_processes > 1:
-                    step_loss = accelerator.reduce(step_loss, reduction="mean")  # the global step's mean loss
+                step_loss = process_mean(accelerator, loss.detach())  # the global step's mean loss
                 loss_sum, loss_count = loss_sum + step_loss.item(), loss_count + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
@@ -334,12 +338,12 @@ def train_stage1(
         bar.close()
         saved_state = None
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def finish() -> None:
         model.save_pretrained(model_dir, tokenizer=tokenizer)
         write_json(metrics_path, {"config": asdict(cfg), "history": history, "complete": True})
         remove_checkpoint(ckpt_dir)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, finish)
     for p in model.parameters():
         p.requires_grad_(True)
     return Stage1Result(model_dir=model_dir, history=history)
@@ -347,14 +351,11 @@ def train_stage1(
 
 def _save(accelerator, ckpt_dir, model, optimizer, scheduler, phase, epoch, step, global_step,
           loss_sum: float = 0.0, loss_count: int = 0) -> None:
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(ckpt_dir, model, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "phase": phase, "epoch": epoch, "step": step, "global_step": global_step,
-            "loss_sum": torch.tensor(loss_sum, dtype=torch.float64), "loss_count": loss_count,
-        })
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: save_checkpoint(ckpt_dir, model, {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "phase": phase, "epoch": epoch, "step": step, "global_step": global_step,
+        "loss_sum": torch.tensor(loss_sum, dtype=torch.float64), "loss_count": loss_count,
+    }))
 
 
 def stage1_complete(out_dir: str | Path) -> bool:

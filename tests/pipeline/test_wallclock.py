@@ -3,9 +3,11 @@ invalid when it stays implausible."""
 
 from __future__ import annotations
 
+import pytest
+
 import itertools
 
-from consistentee.evaluation.wallclock import checked_wall_clock, measure_wall_clock, suspect_points
+from consistentee.pipeline.wallclock import checked_wall_clock, measure_wall_clock, suspect_points
 
 
 class FakeClock:
@@ -43,9 +45,17 @@ def test_a_wall_speedup_far_above_the_flops_bound_is_suspect():
 
 def test_a_noisy_reference_makes_every_point_suspect():
     t = FakeClock()
-    full = t.work([1.0, 1.0, 3.0, 1.0, 1.0])
+    full = t.work([1.0, 1.6, 1.0, 2.2, 1.3])  # the middle rounds disagree: IQR 0.6 s on a 1.3 s median
     clock = measure_wall_clock(full, {"p": t.work(0.9)}, repeats=5, warmup=0, timer=t)
     assert "noisy full-depth reference" in suspect_points(clock, {"p": 1.2})["p"]
+
+
+def test_one_slow_round_does_not_void_the_medians():
+    t = FakeClock()
+    full = t.work([1.0, 1.0, 3.0, 1.0, 1.0])  # one round slowed by another process; the median is 1.0 s
+    clock = measure_wall_clock(full, {"p": t.work(0.9)}, repeats=5, warmup=0, timer=t)
+    assert suspect_points(clock, {"p": 1.2}) == {}
+    assert clock.speedups()["p"] == pytest.approx(1.0 / 0.9)
 
 
 def test_suspect_points_are_retimed_and_kept_when_the_retime_is_sound():

@@ -1,5 +1,5 @@
 """The harness's pure parts on hand-made tables: sweeps, summaries, dev selection, FLOPs kwargs, timing
-(``evaluation.sweep``, ``evaluation.summary``, ``evaluation.wallclock``), and the benchmark settings."""
+(``evaluation.sweep``, ``evaluation.summary``, ``pipeline.wallclock``), and the benchmark settings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from consistentee.evaluation.flops import EncoderShape
-from consistentee.evaluation.harness import BenchmarkConfig, demo_settings
 from consistentee.evaluation.summary import auc_x_range, oracle_gap, select_wall_points, summarize_method
 from consistentee.evaluation.sweep import (
     EvalTables,
@@ -22,7 +21,8 @@ from consistentee.evaluation.sweep import (
     rule_flops_kwargs,
     sweep,
 )
-from consistentee.evaluation.wallclock import measure_wall_clock
+from consistentee.pipeline.benchmark import BenchmarkConfig, demo_settings
+from consistentee.pipeline.wallclock import measure_wall_clock
 
 # 4 examples, 3 layers, 2 classes; labels 0, 1, 1, 0
 P = torch.tensor([
@@ -199,3 +199,21 @@ def test_benchmark_config_validation_and_demo_settings():
     assert demo.policy.joint_epochs == 1 and demo.data.max_train_examples == 3000
     assert demo.data.policy_holdout == 0.2  # policies never learn from examples stage 1 fitted
     assert demo.to_json()["bench"]["wall_batch_size"] == 32
+
+
+def test_a_run_directory_trained_with_other_seeds_is_refused(tmp_path):
+    # --seed 1 on a run directory trained with seed 0 must not report seed 0's models as seed 1's
+    import json
+
+    from consistentee.pipeline.benchmark import BenchmarkSettings, _seed_mismatches
+
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "metrics.json").write_text(json.dumps({"config": {"seed": 0}}))
+    (tmp_path / "policies" / "beta-0.05").mkdir(parents=True)
+    (tmp_path / "policies" / "beta-0.05" / "progress.json").write_text(json.dumps({"config": {"seed": 0}}))
+    settings = BenchmarkSettings()
+    assert _seed_mismatches(tmp_path, settings) == []
+    settings.stage1.seed = 1
+    settings.policy.seed = 1
+    problems = _seed_mismatches(tmp_path, settings)
+    assert problems == ["stage1.seed: run 0, asked 1", "policy.seed (beta-0.05): run 0, asked 1"]

@@ -1,9 +1,9 @@
-"""The evaluation harness: every exit rule on the same trained multi-exit model, one report.
+"""``consistentee benchmark``: every exit rule on the same trained multi-exit model, one report.
 
 Pipeline of :func:`run_benchmark` (everything in one run directory; a second run reuses what exists):
 
 1. stage 1 (``training.run.run_stage1``: shared by all rules; resumes or skips when complete);
-2. memorized layers of the training set (``run_memorize``; skipped when ``memorized_layers.json`` exists);
+2. memorized layers of the training set (:mod:`~consistentee.pipeline.memorize`; skipped when ``memorized_layers.json`` exists);
 3. the learned exit heads (``exits.learned``; ``run_dir/learned_heads``);
 4. the ConsistentEE beta sweep (``training.policy.run_beta_sweep``; ``run_dir/policies/beta-<beta>/model``);
 5. per-layer tables on dev and test (every exit's softmax, every policy, every learned head score);
@@ -15,7 +15,7 @@ Pipeline of :func:`run_benchmark` (everything in one run directory; a second run
    to the oracle;
    and calibrated operating points: per rule and budget, the fastest knob Learn-then-Test certifies on dev
    (:mod:`~consistentee.evaluation.calibration`), reported beside the naive dev choice;
-8. wall-clock speed-up (:mod:`~consistentee.evaluation.wallclock`), measured for a bounded set of points
+8. wall-clock speed-up (:mod:`~consistentee.pipeline.wallclock`), measured for a bounded set of points
    (each rule's calibrated and dev-selected points and a few frontier points; all others are ``null``): the batched
    early-exit engine against the same backbone at full depth, same batch size and threads, interleaved
    rounds, median;
@@ -51,20 +51,22 @@ from consistentee.evaluation.summary import (
     calibrated_points,
     calibration_study,
     oracle_gap,
+    paired_bootstrap,
     routing_diagnostics,
     summarize_method,
 )
 from consistentee.evaluation.sweep import EvalTables, FlopsSpec, PointResult, build_candidates, sweep
-from consistentee.evaluation.tables import collect_exit_tables
-from consistentee.evaluation.wallclock import ENGINE_NAME, time_operating_points, timing_batches
 from consistentee.exits.learned import (
     LearnedExitHeads,
     LearnedHeadConfig,
     cache_pooled_states,
     train_learned_heads,
 )
-from consistentee.exits.rules import RULES
+from consistentee.exits.rules import RULES, rule_names
+from consistentee.exits.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
+from consistentee.pipeline.memorize import run_memorize
+from consistentee.pipeline.wallclock import ENGINE_NAME, time_operating_points, timing_batches
 from consistentee.training import memorized
 from consistentee.training.policy import PolicyConfig, policy_complete, policy_model_dir, run_beta_sweep
 from consistentee.training.run import (
@@ -73,7 +75,6 @@ from consistentee.training.run import (
     load_run_model,
     load_run_settings,
     policy_rows,
-    run_memorize,
     run_stage1,
     stage1_model_dir,
     train_subset,
@@ -89,8 +90,9 @@ __all__ = [
     "run_benchmark",
 ]
 
-#: the swept rules, in report order (the oracle is reported apart: it has no knob).
-ALL_RULES = ("entropy", "confidence", "patience", "pcee", "learned", "static", "consistentee")
+#: the swept rules, in report order: every registered rule but those that read gold labels (the oracle is
+#: reported apart: it has no knob).
+ALL_RULES = rule_names(without={"labels"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,28 +114,34 @@ class BenchmarkConfig:
                 "reported", "metavar": "RULES"})
     betas: str = field(default="0.03,0.05,0.07,0.1", metadata={
         "help": "comma-separated ConsistentEE betas (one policy model is trained per beta)", "metavar": "BETAS"})
-    thresholds: str = field(default="auto", metadata={
+    thresholds: str = field(default="auto", metadata={"advanced": True,
         "help": "comma-separated ConsistentEE policy thresholds, or auto (a quantile grid of each model's policy "
                 "probabilities, see --grid-points)", "metavar": "THRESHOLDS"})
-    grid_points: int = field(default=100, metadata={
+    grid_points: int = field(default=100, metadata={"advanced": True,
         "help": "knob candidates per rule (per ConsistentEE model) at quantiles of the rule's own score on dev and "
                 "test, plus its fixed grid; 0 = the fixed grids only"})
     delta: float = field(default=0.1, metadata={
         "help": "calibrated operating points keep their accuracy budget with probability >= 1 - delta"})
-    calibration_loss: str = field(default="accuracy_drop", metadata={
+    calibration_loss: str = field(default="accuracy_drop", metadata={"advanced": True,
         "help": "what calibration controls against full depth: accuracy_drop, or disagreement (label-free, stricter)",
         "choices": ("accuracy_drop", "disagreement")})
-    resplits: int = field(default=200, metadata={
+    calibration_guarantee: str = field(default="expected+unseen", metadata={"advanced": True,
+        "help": "what calibrated points guarantee: expected+unseen (the expected loss, finite-sample, and the loss "
+                "on as many unseen rows as the test split, normal approximation), expected, or unseen",
+        "choices": ("expected+unseen", "expected", "unseen")})
+    resplits: int = field(default=200, metadata={"advanced": True,
         "help": "random dev/test re-splits of the resampling study of calibration (0 skips it)"})
-    table_batch_size: int = field(default=128, metadata={"help": "batch size of the passes that build per-layer tables"})
-    wall_batch_size: int = field(default=32, metadata={"help": "batch size of the wall-clock measurement"})
+    table_batch_size: int = field(default=128, metadata={"advanced": True,
+        "help": "batch size of the passes that build per-layer tables"})
+    wall_batch_size: int = field(default=32, metadata={"advanced": True,
+        "help": "batch size of the wall-clock measurement"})
     wall_repeats: int = field(default=5, metadata={
         "help": "interleaved timing rounds per measured point (median is reported); 0 skips wall-clock"})
-    wall_examples: int | None = field(default=512, metadata={
+    wall_examples: int | None = field(default=512, metadata={"advanced": True,
         "help": "test examples timed per round (a seeded subset; none = the whole test split)"})
-    wall_frontier_points: int = field(default=2, metadata={
+    wall_frontier_points: int = field(default=2, metadata={"advanced": True,
         "help": "test-frontier points timed per rule, besides its dev-selected points"})
-    wall_autocast: str = field(default="none", metadata={
+    wall_autocast: str = field(default="none", metadata={"advanced": True,
         "help": "autocast dtype of both timed runs (fp16/bf16 on GPU), or none", "choices": ("none", "fp16", "bf16")})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (none: leave torch's default)"})
     out_dir: str | None = field(default=None, metadata={"help": "report directory (none: RUN_DIR/report)"})
@@ -157,6 +165,9 @@ class BenchmarkConfig:
             raise ValueError("grid_points and resplits must be >= 0")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta}")
+        if self.calibration_guarantee not in ("expected+unseen", "expected", "unseen"):
+            raise ValueError("calibration_guarantee must be expected+unseen, expected or unseen, got "
+                             f"{self.calibration_guarantee!r}")
         if self.calibration_loss not in ("accuracy_drop", "disagreement"):
             raise ValueError(f"calibration_loss must be accuracy_drop or disagreement, got {self.calibration_loss!r}")
         if self.threads is not None and self.threads < 1:
@@ -245,59 +256,136 @@ def run_benchmark(
     Returns the report dict (also written as ``report.json`` next to ``report.md`` and the plots in
     ``settings.bench.out_dir`` or ``run_dir/report``).
     """
-    settings = settings or BenchmarkSettings()
-    bench = settings.bench
-    rules = bench.rule_names()
-    run_dir = Path(run_dir)
-    out_dir = Path(bench.out_dir) if bench.out_dir else run_dir / "report"
-    if bench.threads is not None:
-        torch.set_num_threads(bench.threads)
-    torch_device = resolve_device(device)
-    use_policy = "consistentee" in rules
-    use_learned = "learned" in rules
-    steps = _Steps(5 + use_learned + use_policy + (bench.resplits > 0), log)
+    run = _BenchmarkRun.start(run_dir, settings or BenchmarkSettings(), device=device, progress=progress, log=log)
+    model, data = _train_stage1_and_memorize(run)
+    heads = _learned_exit_heads(run, model, data)
+    policy_dirs = _consistentee_policies(run)
+    tables = _per_layer_tables(run, model, data, heads, policy_dirs)
+    sweeps = _simulate_every_rule(run, model, heads, tables)
+    wall_info = _measure_wall_clock(run, model, data, heads, policy_dirs, sweeps)
+    same_weights = _same_weights_study(run, tables, sweeps)
+    calibration = _resampling_study(run, tables, sweeps)
+    return _write_benchmark_report(run, model, data, tables, sweeps, policy_dirs, wall_info=wall_info,
+                                   same_weights=same_weights, calibration=calibration, command=command)
 
-    # 1-2: stage 1 and memorized layers (both skip when done)
-    steps.start("stage 1 (multi-exit fine-tuning, shared by all rules)")
-    run_stage1(run_dir, settings.data, settings.model, settings.stage1, device=device, progress=progress, log=log)
-    if not (run_dir / memorized.FILE_NAME).is_file():
-        run_memorize(run_dir, device=device, batch_size=bench.table_batch_size, progress=progress, log=log)
-    _check_run_settings(run_dir, settings)
-    model, data = load_run_model(run_dir, device=device)
 
-    # 3: learned exit heads
-    heads = None
-    if use_learned:
-        steps.start("learned exit heads (BERxiT-style)")
-        heads = _learned_heads(run_dir, model, data, settings.data, settings.learned, device=torch_device,
-                               progress=progress, log=log)
+# ---------------------------------------------------------------------------------------------
+# the steps of run_benchmark, in order
 
-    # 4: ConsistentEE beta sweep
-    policy_dirs: dict[float, Path] = {}
-    if use_policy:
-        steps.start("ConsistentEE policies (beta sweep)")
-        policy_dirs = _policy_models(run_dir, bench.beta_values(), settings.policy, device=device,
-                                     progress=progress, log=log)
 
-    # 5: tables
-    steps.start("per-layer tables on dev and test")
+@dataclass
+class _BenchmarkRun:
+    """What every step of :func:`run_benchmark` reads: the run directory, the settings, where and how to run."""
+
+    run_dir: Path
+    out_dir: Path
+    settings: BenchmarkSettings
+    rules: list[str]
+    device: str
+    torch_device: torch.device
+    progress: bool
+    log: Any
+    steps: _Steps
+
+    @classmethod
+    def start(cls, run_dir: str | os.PathLike, settings: BenchmarkSettings, *, device: str, progress: bool,
+              log) -> _BenchmarkRun:
+        """Set the torch threads, resolve the device and count the steps to come."""
+        bench = settings.bench
+        rules = bench.rule_names()
+        run_dir = Path(run_dir)
+        if bench.threads is not None:
+            torch.set_num_threads(bench.threads)
+        torch_device = resolve_device(device)
+        total = 5 + ("learned" in rules) + ("consistentee" in rules) + (bench.resplits > 0)
+        return cls(run_dir=run_dir, out_dir=Path(bench.out_dir) if bench.out_dir else run_dir / "report",
+                   settings=settings, rules=rules, device=device, torch_device=torch_device, progress=progress,
+                   log=log, steps=_Steps(total, log))
+
+    @property
+    def bench(self) -> BenchmarkConfig:
+        return self.settings.bench
+
+
+@dataclass
+class _Tables:
+    """Per-layer tables on dev and test: the stage-1 model's, and each ConsistentEE beta's model's."""
+
+    dev: EvalTables
+    test: EvalTables
+    policy: dict[float, tuple[EvalTables, EvalTables]]
+
+
+@dataclass
+class _Sweeps:
+    """Every rule's simulated points with their summaries, the oracle, and the FLOPs count they used."""
+
+    spec: FlopsSpec
+    full_dev: dict[str, float]
+    full_test: dict[str, float]
+    points: dict[str, list[PointResult]]
+    oracle: PointResult
+    x_range: tuple[float, float]
+    summaries: dict[str, dict[str, Any]]
+    outcomes: dict[str, Any]
+
+
+def _train_stage1_and_memorize(run: _BenchmarkRun):
+    """Steps 1-2: stage 1 and the memorized layers (both skip when done); then the run's stage-1 model and data."""
+    run.steps.start("stage 1 (multi-exit fine-tuning, shared by all rules)")
+    settings = run.settings
+    run_stage1(run.run_dir, settings.data, settings.model, settings.stage1, device=run.device,
+               progress=run.progress, log=run.log)
+    if not (run.run_dir / memorized.FILE_NAME).is_file():
+        run_memorize(run.run_dir, device=run.device, batch_size=run.bench.table_batch_size, progress=run.progress,
+                     log=run.log)
+    _check_run_settings(run.run_dir, settings)
+    return load_run_model(run.run_dir, device=run.device)
+
+
+def _learned_exit_heads(run: _BenchmarkRun, model, data) -> LearnedExitHeads | None:
+    """Step 3: the learned exit heads, when the ``learned`` rule is compared."""
+    if "learned" not in run.rules:
+        return None
+    run.steps.start("learned exit heads (BERxiT-style)")
+    return _learned_heads(run.run_dir, model, data, run.settings.data, run.settings.learned,
+                          device=run.torch_device, progress=run.progress, log=run.log)
+
+
+def _consistentee_policies(run: _BenchmarkRun) -> dict[float, Path]:
+    """Step 4: the ConsistentEE model of every beta, when the ``consistentee`` rule is compared."""
+    if "consistentee" not in run.rules:
+        return {}
+    run.steps.start("ConsistentEE policies (beta sweep)")
+    return _policy_models(run.run_dir, run.bench.beta_values(), run.settings.policy, device=run.device,
+                          progress=run.progress, log=run.log)
+
+
+def _per_layer_tables(run: _BenchmarkRun, model, data, heads: LearnedExitHeads | None,
+                      policy_dirs: dict[float, Path]) -> _Tables:
+    """Step 5: every exit's softmax, every policy and every learned head score on dev and test."""
+    run.steps.start("per-layer tables on dev and test")
+    batch_size = run.bench.table_batch_size
     tables: dict[str, EvalTables] = {}
     for split in ("dev", "test"):
-        cache = cache_pooled_states(model, data.encoded[split], data.collate, batch_size=bench.table_batch_size,
-                                    device=torch_device, progress=progress, desc=f"tables {split}")
+        cache = cache_pooled_states(model, data.encoded[split], data.collate, batch_size=batch_size,
+                                    device=run.torch_device, progress=run.progress, desc=f"tables {split}")
         tables[split] = EvalTables.from_cache(cache, heads)
-    dev, test = tables["dev"], tables["test"]
-    policy_tables = {beta: _policy_tables(path, model, data, beta, batch_size=bench.table_batch_size,
-                                          device=torch_device, progress=progress)
+    policy_tables = {beta: _policy_tables(path, model, data, beta, batch_size=batch_size,
+                                          device=run.torch_device, progress=run.progress)
                      for beta, path in sorted(policy_dirs.items())}
+    return _Tables(tables["dev"], tables["test"], policy_tables)
 
-    # 6-7: sweeps and summaries
-    steps.start("simulating every rule's sweep on the tables")
+
+def _simulate_every_rule(run: _BenchmarkRun, model, heads: LearnedExitHeads | None, tables: _Tables) -> _Sweeps:
+    """Steps 6-7: every rule's knob grid simulated on the tables, summarized, with its calibrated points."""
+    run.steps.start("simulating every rule's sweep on the tables")
+    bench, dev, test = run.bench, tables.dev, tables.test
     spec = _flops_spec(model, heads)
     full_test, full_dev = test.full_depth(), dev.full_depth()
     points: dict[str, list[PointResult]] = {}
-    for name in tqdm(rules, desc="sweeps", unit="rule", disable=not progress, leave=False):
-        candidates = build_candidates(name, dev, test, policy_tables=policy_tables,
+    for name in tqdm(run.rules, desc="sweeps", unit="rule", disable=not run.progress, leave=False):
+        candidates = build_candidates(name, dev, test, policy_tables=tables.policy,
                                       thresholds=bench.threshold_values(), grid_points=bench.grid_points)
         points[name] = sweep(candidates, spec)
     oracle_point = sweep(build_candidates("oracle", dev, test), spec)[0]
@@ -308,47 +396,89 @@ def run_benchmark(
     for name, pts in points.items():
         summaries[name]["calibrated"] = calibrated_points(pts, outcomes[name], len(dev), full_test["accuracy"],
                                                           delta=bench.delta, loss=bench.calibration_loss,
-                                                          seed=settings.data.data_seed)
+                                                          seed=run.settings.data.data_seed,
+                                                          method=bench.calibration_guarantee)
+    return _Sweeps(spec, full_dev, full_test, points, oracle_point, x_range, summaries, outcomes)
 
-    # 8: wall clock
-    steps.start("wall-clock speed-up (engine vs full depth)")
+
+def _measure_wall_clock(run: _BenchmarkRun, model, data, heads: LearnedExitHeads | None,
+                        policy_dirs: dict[float, Path], sweeps: _Sweeps) -> dict[str, Any]:
+    """Step 8: the engine against full depth for a bounded set of points (sets their ``wall_speedup``)."""
+    run.steps.start("wall-clock speed-up (engine vs full depth)")
+    bench = run.bench
     wall_info: dict[str, Any] = {"engine": ENGINE_NAME, "batch_size": bench.wall_batch_size,
                                  "repeats": bench.wall_repeats, "examples": None,
                                  "measured": f"each rule's dev-selected points and up to {bench.wall_frontier_points} "
                                              "test-frontier points; every other point has wall_speedup null",
-                                 "threads": torch.get_num_threads(), "device": str(torch_device),
+                                 "threads": torch.get_num_threads(), "device": str(run.torch_device),
                                  "autocast": bench.wall_autocast}
     if bench.wall_repeats > 0:
         batches = timing_batches(data.encoded["test"], data.collate, bench.wall_examples, bench.wall_batch_size,
-                                 settings.data.data_seed, torch_device)
+                                 run.settings.data.data_seed, run.torch_device)
         wall_info.update(time_operating_points(
-            model, points, summaries, batches, policy_dirs=policy_dirs, heads=heads,
+            model, sweeps.points, sweeps.summaries, batches, policy_dirs=policy_dirs, heads=heads,
             frontier_points=bench.wall_frontier_points, repeats=bench.wall_repeats,
-            autocast=None if bench.wall_autocast == "none" else bench.wall_autocast, device=torch_device,
-            progress=progress, log=log))
+            autocast=None if bench.wall_autocast == "none" else bench.wall_autocast, device=run.torch_device,
+            progress=run.progress, log=run.log))
     else:
         wall_info["measured"] = "not measured (wall_repeats = 0): every wall_speedup is null"
+    return wall_info
 
-    same_weights = (_same_weights(rules, policy_tables, spec, full_test["accuracy"], bench.grid_points,
-                                  bench.threshold_values()) if policy_tables else None)
 
-    # 9: how often calibrated and naive choices break their budget on unseen data
-    calibration = None
-    if bench.resplits > 0:
-        steps.start(f"resampling study of calibration ({bench.resplits} dev/test re-splits)")
-        calibration = calibration_study(outcomes, summaries, points, len(dev), len(test), full_test["accuracy"],
-                                        delta=bench.delta, loss=bench.calibration_loss, resplits=bench.resplits,
-                                        seed=settings.data.data_seed)
+def _same_weights_study(run: _BenchmarkRun, tables: _Tables, sweeps: _Sweeps) -> dict[str, Any] | None:
+    """Every rule on each ConsistentEE model's own weights (None without ConsistentEE models)."""
+    if not tables.policy:
+        return None
+    return _same_weights(run.rules, tables.policy, sweeps.spec, sweeps.full_test["accuracy"], run.bench.grid_points,
+                         run.bench.threshold_values())
 
-    # 10: report
-    steps.start("writing report.json, report.md and plots")
-    methods = {name: _method_report(name, pts, summaries[name], oracle_point) for name, pts in points.items()}
-    for name, pts in points.items():
-        methods[name]["routing"] = _routing(pts, summaries[name], oracle_point, test.labels, model.num_layers)
+
+def _resampling_study(run: _BenchmarkRun, tables: _Tables, sweeps: _Sweeps) -> dict[str, Any] | None:
+    """Step 9: how often calibrated and naive choices break their budget on unseen data (None when skipped)."""
+    bench = run.bench
+    if bench.resplits <= 0:
+        return None
+    run.steps.start(f"resampling study of calibration ({bench.resplits} dev/test re-splits)")
+    return calibration_study(sweeps.outcomes, sweeps.summaries, sweeps.points, len(tables.dev), len(tables.test),
+                             sweeps.full_test["accuracy"], delta=bench.delta, loss=bench.calibration_loss,
+                             resplits=bench.resplits, seed=run.settings.data.data_seed,
+                             method=bench.calibration_guarantee)
+
+
+def _write_benchmark_report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps,
+                            policy_dirs: dict[float, Path], *, wall_info: dict[str, Any],
+                            same_weights: dict[str, Any] | None, calibration: dict[str, Any] | None,
+                            command: str | None) -> dict[str, Any]:
+    """Step 10: ``report.json``, ``report.md`` and the plots; returns the report."""
+    run.steps.start("writing report.json, report.md and plots")
+    methods = _methods_report(sweeps, tables.test.labels, model.num_layers)
     histograms = {name: pts[methods[name]["histogram_point"]["index"]].test_exit_layers
-                  for name, pts in points.items()}
-    histograms["oracle"] = oracle_point.test_exit_layers
-    report: dict[str, Any] = {
+                  for name, pts in sweeps.points.items()}
+    histograms["oracle"] = sweeps.oracle.test_exit_layers
+    report = _report(run, model, data, tables, sweeps, policy_dirs, methods=methods, wall_info=wall_info,
+                     same_weights=same_weights, calibration=calibration, command=command)
+    report["timing_seconds"] = {k: round(v, 2) for k, v in run.steps.close().items()}
+    write_report(report, run.out_dir, exit_layers_by_rule=histograms, memorized_layers=_memorized_layers(run.run_dir))
+    report["out_dir"] = str(run.out_dir)
+    run.log(f"report written to {run.out_dir} ({', '.join(report['files'].values())})")
+    return report
+
+
+def _methods_report(sweeps: _Sweeps, labels: torch.Tensor, num_layers: int) -> dict[str, dict[str, Any]]:
+    """``report["methods"]``: every rule's points, summaries and routing diagnostics."""
+    methods = {name: _method_report(name, pts, sweeps.summaries[name], sweeps.oracle)
+               for name, pts in sweeps.points.items()}
+    for name, pts in sweeps.points.items():
+        methods[name]["routing"] = _routing(pts, sweeps.summaries[name], sweeps.oracle, labels, num_layers)
+    return methods
+
+
+def _report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps, policy_dirs: dict[float, Path], *,
+            methods: dict[str, Any], wall_info: dict[str, Any], same_weights: dict[str, Any] | None,
+            calibration: dict[str, Any] | None, command: str | None) -> dict[str, Any]:
+    """The report dict, before its timings and files are added."""
+    settings, dev, test, oracle_point, spec = run.settings, tables.dev, tables.test, sweeps.oracle, sweeps.spec
+    return {
         "dataset": settings.data.dataset,
         "model": settings.model.model,
         "num_layers": model.num_layers,
@@ -356,8 +486,8 @@ def run_benchmark(
         "labels": list(data.labels.names),
         "pooling": model.config.pooling,
         "split_sizes": data.splits.sizes(),
-        "full_depth": {**full_test, "dev_accuracy": full_dev["accuracy"], "per_exit_accuracy": test.per_exit_accuracy(),
-                       "dev_per_exit_accuracy": dev.per_exit_accuracy()},
+        "full_depth": {**sweeps.full_test, "dev_accuracy": sweeps.full_dev["accuracy"],
+                       "per_exit_accuracy": test.per_exit_accuracy(), "dev_per_exit_accuracy": dev.per_exit_accuracy()},
         "methods": methods,
         "oracle": {"accuracy": oracle_point.test["accuracy"], "macro_f1": oracle_point.test["macro_f1"],
                    "mean_exit_layer": oracle_point.test["mean_exit_layer"],
@@ -366,19 +496,23 @@ def run_benchmark(
                    "saved_fraction": oracle_point.test["saved_fraction"]},
         "calibration": calibration,
         "same_weights": same_weights,
+        "significance": paired_bootstrap(sweeps.outcomes, np.arange(len(dev), len(dev) + len(test)), sweeps.x_range,
+                                         seed=settings.data.data_seed),
         "consistentee_models": {f"{beta:g}": {"path": str(policy_dirs[beta]),
                                               "full_depth_test_accuracy": t.full_depth()["accuracy"],
-                                              "full_depth_dev_accuracy": d.full_depth()["accuracy"]}
-                                for beta, (d, t) in policy_tables.items()},
+                                              "full_depth_dev_accuracy": d.full_depth()["accuracy"],
+                                              "full_depth_test_change_points": 100.0 * (
+                                                  t.full_depth()["accuracy"] - sweeps.full_test["accuracy"])}
+                                for beta, (d, t) in tables.policy.items()},
         "settings": {
             "command": command,
-            "run_dir": str(run_dir.resolve()),
-            "device": str(torch_device),
+            "run_dir": str(run.run_dir.resolve()),
+            "device": str(run.torch_device),
             "machine": _machine(),
             "versions": _versions(),
             "seeds": {"data": settings.data.data_seed, "stage1": settings.stage1.seed,
                       "learned_heads": settings.learned.learned_seed, "policy": settings.policy.seed},
-            "auc_x_range": list(x_range),
+            "auc_x_range": list(sweeps.x_range),
             "loss_budgets_points": list(LOSS_BUDGETS),
             "selection": "dev_selected: the largest dev layer speed-up within the budget against dev full depth "
                          "(naive); calibrated: the fastest knob Learn-then-Test certifies on dev for the budget "
@@ -390,15 +524,6 @@ def run_benchmark(
         },
         "timing_seconds": {},
     }
-    report["timing_seconds"] = {k: round(v, 2) for k, v in steps.close().items()}
-    write_report(report, out_dir, exit_layers_by_rule=histograms, memorized_layers=_memorized_layers(run_dir))
-    report["out_dir"] = str(out_dir)
-    log(f"report written to {out_dir} ({', '.join(report['files'].values())})")
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# the steps of run_benchmark, in order
 
 
 def _check_run_settings(run_dir: Path, settings: BenchmarkSettings) -> None:
@@ -407,9 +532,30 @@ def _check_run_settings(run_dir: Path, settings: BenchmarkSettings) -> None:
     differ = [f"{part}.{k}: run {v!r}, asked {getattr(asked, k)!r}"
               for part, saved, asked in (("data", run_data_cfg, settings.data), ("model", run_model_cfg, settings.model))
               for k, v in asdict(saved).items() if v != getattr(asked, k)]
+    differ += _seed_mismatches(run_dir, settings)
     if differ:
         raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(differ)}); "
                          "use another --run-dir or the run's own settings")
+
+
+def _seed_mismatches(run_dir: Path, settings: BenchmarkSettings) -> list[str]:
+    """Seeds of what the run directory already trained that differ from the ones asked: reusing those models
+    under another seed would report one seed's models as another's."""
+    def saved(path: Path, *keys: str) -> Any:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    found = [("stage1.seed", saved(run_dir / "stage1" / "metrics.json", "config", "seed"), settings.stage1.seed),
+             ("learned_seed", saved(run_dir / "learned_heads" / "config.json", "extra", "train_config", "learned_seed"),
+              settings.learned.learned_seed)]
+    found += [(f"policy.seed ({d.name})", saved(d / "progress.json", "config", "seed"), settings.policy.seed)
+              for d in sorted((run_dir / "policies").glob("beta-*"))]
+    return [f"{name}: run {have!r}, asked {asked!r}" for name, have, asked in found if have is not None and have != asked]
 
 
 def _learned_heads(run_dir: Path, model, data, data_cfg: DataConfig, cfg: LearnedHeadConfig, *,
@@ -491,9 +637,9 @@ def _same_weights(rules: list[str], policy_tables: dict[float, tuple[EvalTables,
     for beta, (d, t) in sorted(policy_tables.items()):
         points = {}
         for name in rules:
-            if name == "learned":  # learned heads read stage-1 states: not defined on these weights
+            if "learned_score" in RULES[name].needs:  # learned heads read stage-1 states: not defined on these weights
                 continue
-            tables = {beta: (d, t)} if name == "consistentee" else None
+            tables = {beta: (d, t)} if RULES[name].model_keyed else None
             points[name] = sweep(build_candidates(name, d, t, policy_tables=tables, thresholds=thresholds,
                                                   grid_points=grid_points), spec)
         x_range = auc_x_range(points, t.num_layers)

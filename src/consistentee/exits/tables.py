@@ -2,6 +2,11 @@
 
 Rules that only read exit outputs (entropy, confidence, patience, the policy, the oracle) can be
 simulated exactly from these tables, and memorized layers are read off them too.
+
+One table class: :class:`consistentee.evaluation.sweep.EvalTables`, the evaluation view of the same signals, is an
+:class:`ExitTables` that requires labels (checked when it is built), is built positionally in its own field order
+(its callers' contract) and adds the full-depth metrics of :mod:`consistentee.evaluation.metrics`, a layer above
+this one.
 """
 
 from __future__ import annotations
@@ -17,18 +22,27 @@ from tqdm.auto import tqdm
 class ExitTables:
     #: [N, L, C] softmax of every exit.
     probs: torch.Tensor
-    #: [N, L-1] exit probability p_l of every policy.
-    policy_probs: torch.Tensor
+    #: [N, L-1] exit probability p_l of every policy (None: the tables of a model whose policies are not read).
+    policy_probs: torch.Tensor | None
     #: [N] gold label ids, or None when the split has no labels.
     labels: torch.Tensor | None
     #: [N] number of real tokens of each example (for FLOPs).
     seq_lens: torch.Tensor
     #: [N, L, d] pooled state after every layer (only when collected with ``return_pooled=True``).
     pooled: torch.Tensor | None = None
+    #: [N, L] scores of learned exit heads (BERxiT), when they were scored on the pooled states.
+    learned_scores: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
         return self.probs.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.probs.shape[2]
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
 
     def predictions(self) -> torch.Tensor:
         """[N, L] argmax of every exit."""

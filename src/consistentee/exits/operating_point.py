@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from consistentee.exits.rules import RULES, make_rule
+from consistentee.exits.rules import RULES, make_rule, rule_names
 from consistentee.utils.io import read_json, write_json
 
 __all__ = ["FILE_NAME", "FORMAT_VERSION", "OperatingPoint", "load_operating_point", "save_operating_point"]
@@ -36,16 +36,14 @@ class OperatingPoint:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES or self.rule == "oracle":
-            known = ", ".join(sorted(r for r in RULES if r != "oracle"))
+        if self.rule not in RULES or "labels" in RULES[self.rule].needs:
+            known = ", ".join(sorted(rule_names(without={"labels"})))
             raise ValueError(f"operating point: unknown exit rule {self.rule!r}; known rules: {known}")
         make_rule(self.rule, self.rule_knob())  # range-checks the knob
 
     def rule_knob(self) -> Any:
         """The knob as ``make_rule`` takes it."""
-        if self.rule == "pcee" and isinstance(self.knob, list | tuple):
-            return int(self.knob[0]), float(self.knob[1])
-        return self.knob
+        return RULES[self.rule].knob_from_json(self.knob)
 
     def describe(self) -> str:
         """One line for start-up messages."""

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from consistentee.data.dataset import seeded_order
 from consistentee.evaluation.summary import select_wall_points
 from consistentee.evaluation.sweep import PointResult, knob_from_json
-from consistentee.exits.rules import make_rule
+from consistentee.exits.rules import RULES, make_rule
 from consistentee.inference.engine import EarlyExitEngine, full_depth_logits
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 
@@ -94,14 +95,21 @@ def measure_wall_clock(
 
 #: a wall-clock speed-up may exceed the point's FLOPs speed-up by this much before it is suspect.
 WALL_OVER_FLOPS_TOLERANCE = 0.10
-#: the full-depth reference is noisy when (max - min) / median of its rounds exceeds this.
+#: the full-depth reference is noisy when the interquartile range / median of its rounds exceeds this.
 REFERENCE_SPREAD_LIMIT = 0.25
 
 
 def reference_spread(clock: WallClock) -> float:
-    """(max - min) / median of the full-depth rounds: how steady the reference was."""
+    """Interquartile range / median of the full-depth rounds: how steady the reference was.
+
+    Quartiles, not max - min: every figure is a median of rounds, which one slow round (another process
+    woke up) does not move, so one such round must not void the run either; a reference whose middle rounds
+    disagree does."""
     full = clock.full_seconds
-    return (max(full) - min(full)) / clock.full_median if full else 0.0
+    if not full:
+        return 0.0
+    q1, q3 = np.percentile(np.asarray(full, dtype=np.float64), [25, 75])
+    return float(q3 - q1) / clock.full_median
 
 
 def suspect_points(clock: WallClock, flops_speedups: Mapping[Any, float | None], *,
@@ -208,7 +216,7 @@ def time_operating_points(
             p = pts[index]
             engine = EarlyExitEngine(model if p.model_key is None else policy_models[p.model_key],
                                      make_rule(name, knob_from_json(name, p.knob)),
-                                     learned_heads=heads if name == "learned" else None, trim=True,
+                                     learned_heads=heads if "learned_score" in RULES[name].needs else None, trim=True,
                                      autocast_dtype=autocast)
 
             def job(engine=engine):
@@ -251,8 +259,9 @@ def time_operating_points(
                             "reference_spread": reference_spread(clock),
                             "validity_check": f"a point is re-timed, then marked invalid (wall_speedup null), when its "
                                               f"wall speed-up exceeds its FLOPs speed-up by more than "
-                                              f"{100 * WALL_OVER_FLOPS_TOLERANCE:.0f}% or the full-depth rounds spread "
-                                              f"more than {100 * REFERENCE_SPREAD_LIMIT:.0f}% of their median"}
+                                              f"{100 * WALL_OVER_FLOPS_TOLERANCE:.0f}% or the interquartile range of the "
+                                              f"full-depth rounds exceeds {100 * REFERENCE_SPREAD_LIMIT:.0f}% of "
+                                              "their median"}
     if suspects:
         info["warning"] = (f"{len(suspects)} timed point(s) stayed implausible after re-timing and are reported as "
                            "invalid (the machine was busy?): " + "; ".join(
