@@ -712,7 +712,9 @@ class _Steps:
             self._name = None
 
     def close(self) -> dict[str, float]:
+        """Every step's duration; logs the whole run's (``make demo`` prints its own duration this way)."""
         self._finish()
+        self.log(f"all {self.total} steps done in {_fmt_seconds(time.perf_counter() - self.t0)}")
         return self.durations
 
 
