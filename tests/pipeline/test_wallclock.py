@@ -3,9 +3,9 @@ invalid when it stays implausible."""
 
 from __future__ import annotations
 
-import pytest
-
 import itertools
+
+import pytest
 
 from consistentee.pipeline.wallclock import checked_wall_clock, measure_wall_clock, suspect_points
 

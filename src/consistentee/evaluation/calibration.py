@@ -276,44 +276,45 @@ def resampling_study(outcomes: Outcomes, *, calibration_size: int, test_size: in
         raise ValueError(f"cannot split {n} rows into {calibration_size} + {test_size}")
     rng = np.random.default_rng(seed)
     splits = [rng.permutation(n) for _ in range(resplits)]
+
+    def realised(choose) -> tuple[np.ndarray, np.ndarray, int]:
+        """Layer speed-ups and losses on the held-out part of every split, and how often nothing was chosen;
+        ``choose(calibration_rows, split_index)`` returns a candidate index or None (full depth)."""
+        pairs, empty = [], 0
+        for r, perm in enumerate(splits):
+            index = choose(perm[:calibration_size], r)
+            empty += index is None
+            pairs.append(_realised(outcomes, index, perm[calibration_size:calibration_size + test_size]))
+        speeds, losses = (np.array(x) for x in zip(*pairs, strict=True))
+        return speeds, losses, empty
+
+    def calibrated(budget: float, how: str):
+        return lambda cal, r: calibrate(outcomes, cal, max_loss_points=budget, delta=delta, loss=loss,
+                                        order_seed=seed + r, method=how, test_size=test_size).index
+
     out: dict[str, dict[str, Any]] = {}
     for budget in budgets:
-        speeds, losses, naive_speeds, naive_losses, empty = [], [], [], [], 0
-        for r, perm in enumerate(splits):
-            cal, test = perm[:calibration_size], perm[calibration_size:calibration_size + test_size]
-            choice = calibrate(outcomes, cal, max_loss_points=budget, delta=delta, loss=loss, order_seed=seed + r,
-                               method=method, test_size=test_size)
-            empty += choice.index is None
-            s, l_ = _realised(outcomes, choice.index, test)
-            speeds.append(s)
-            losses.append(l_)
-            s, l_ = _realised(outcomes, _naive_choice(outcomes, cal, budget), test)
-            naive_speeds.append(s)
-            naive_losses.append(l_)
-        losses_a, naive_a = np.array(losses), np.array(naive_losses)
-        out[str(float(budget))] = {
-            "violation_rate": float(np.mean(losses_a > budget + 1e-9)),
+        speeds, losses, empty = realised(calibrated(budget, method))
+        naive_speeds, naive_losses, _ = realised(lambda cal, r, b=budget: _naive_choice(outcomes, cal, b))
+        entry = {
+            "violation_rate": float(np.mean(losses > budget + 1e-9)),
             "median_speedup": float(np.median(speeds)),
             "speedup_p10": float(np.percentile(speeds, 10)),
             "speedup_p90": float(np.percentile(speeds, 90)),
-            "median_loss_points": float(np.median(losses_a)),
+            "median_loss_points": float(np.median(losses)),
             "none_certified_rate": empty / len(splits),
-            "naive_violation_rate": float(np.mean(naive_a > budget + 1e-9)),
+            "naive_violation_rate": float(np.mean(naive_losses > budget + 1e-9)),
             "naive_median_speedup": float(np.median(naive_speeds)),
         }
         by_method = {}
         for other in compare_methods:
-            if other == method:
-                continue
-            realised = [_realised(outcomes, calibrate(outcomes, perm[:calibration_size], max_loss_points=budget,
-                                                      delta=delta, loss=loss, order_seed=seed + r, method=other,
-                                                      test_size=test_size).index,
-                                  perm[calibration_size:calibration_size + test_size])
-                        for r, perm in enumerate(splits)]
-            by_method[other] = {"violation_rate": float(np.mean([l_ > budget + 1e-9 for _, l_ in realised])),
-                                "median_speedup": float(np.median([s for s, _ in realised]))}
+            if other != method:
+                other_speeds, other_losses, _ = realised(calibrated(budget, other))
+                by_method[other] = {"violation_rate": float(np.mean(other_losses > budget + 1e-9)),
+                                    "median_speedup": float(np.median(other_speeds))}
         if by_method:
-            out[str(float(budget))]["by_method"] = by_method
+            entry["by_method"] = by_method
+        out[str(float(budget))] = entry
     return out
 
 

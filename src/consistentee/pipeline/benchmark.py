@@ -80,6 +80,7 @@ from consistentee.training.run import (
     train_subset,
 )
 from consistentee.training.stage1 import Stage1Config
+from consistentee.utils.io import read_json
 from consistentee.utils.runtime import resolve_device
 
 __all__ = [
@@ -543,7 +544,7 @@ def _seed_mismatches(run_dir: Path, settings: BenchmarkSettings) -> list[str]:
     under another seed would report one seed's models as another's."""
     def saved(path: Path, *keys: str) -> Any:
         try:
-            value = json.loads(path.read_text())
+            value = read_json(path)
         except (OSError, ValueError):
             return None
         for key in keys:
