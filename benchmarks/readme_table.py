@@ -1,15 +1,33 @@
 """Print the README's results tables from the committed benchmark reports.
 
     python benchmarks/readme_table.py benchmarks/results/rt-snippets benchmarks/results/trec6 ...
+    python benchmarks/readme_table.py --summary benchmarks/results/summary.json [--write README.md]
 
-Every figure comes from a ``report.json`` written by ``consistentee benchmark`` (its command is inside).
+Every figure comes from a ``report.json`` written by ``consistentee benchmark`` (its command is inside). With
+``--summary``, the table over seeds comes from the ``summary.json`` of ``benchmarks/seeds.py combine``;
+``--write`` puts it between the README's ``<!-- results-table:start -->`` and ``<!-- results-table:end -->``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import seeds  # noqa: E402
+
+from consistentee.utils.io import write_text  # noqa: E402
+
+EXIT_USAGE = 2
+START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+
+
+class TableError(Exception):
+    """Bad input: one line, exit status 2."""
 
 
 def _x(value) -> str:
@@ -55,7 +73,7 @@ def study_rows(report: dict) -> list[str]:
     return out
 
 
-def main(dirs: list[str]) -> int:
+def print_report_tables(dirs: Sequence[str]) -> None:
     reports = [json.loads((Path(d) / "report.json").read_text(encoding="utf-8")) for d in dirs]
     print("| data | rule | AUC % | best @0.5pt | best @1pt | naive dev 1pt: test acc % | calibrated 1pt: test acc % "
           "| layer | FLOPs | wall |")
@@ -68,8 +86,85 @@ def main(dirs: list[str]) -> int:
     print("| :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for report in reports:
         print("\n".join(study_rows(report)))
+
+
+def load_combined(path: Path) -> dict:
+    try:
+        combined = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TableError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TableError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(combined, dict) or combined.get("generated_by") != seeds.COMBINE_BY \
+            or not isinstance(combined.get("datasets"), dict):
+        raise TableError(f"{path}: not a summary.json of `python benchmarks/seeds.py combine`")
+    return combined
+
+
+def summary_table(combined: dict) -> str:
+    """One row a dataset, setting and rule: mean ± std over seeds of each figure, and the number of seeds."""
+    out = [f"| data | setting | rule | {seeds.COMBINED_HEADER}", f"| :--- | :--- | :--- | {seeds.COMBINED_ALIGN}"]
+    for name, entry in combined["datasets"].items():
+        for setting in seeds.COMBINED_SETTINGS:
+            out += [f"| {name} | {seeds.SETTING_NAMES[setting]} | {rule} | "
+                    + " | ".join(seeds.combined_cells(row)) + " |"
+                    for rule, row in entry["settings"][setting]["rules"].items()]
+    single = [name for name, entry in combined["datasets"].items() if len(entry["seeds"]) == 1]
+    out += ["", "Mean ± std over training seeds (sample std); AUC in %, x = layer speed-up against full depth, best x "
+            "read off the test curve, calibrated x @1pt = median speed-up of the knob calibrated on dev (the same in "
+            "both settings)." + (f" {', '.join(single)}: 1 seed: no spread." if single else "")]
+    return "\n".join(out)
+
+
+def replace_between_markers(readme: Path, text: str) -> None:
+    try:
+        old = readme.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TableError(f"{readme}: cannot read it ({exc.strerror or exc})") from None
+    if old.count(START) != 1 or old.count(END) != 1 or old.index(START) > old.index(END):
+        raise TableError(f"{readme}: wants one {START} and, after it, one {END} around the results table")
+    head, rest = old.split(START)
+    tail = rest.split(END)[1]
+    write_text(readme, f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = seeds._Parser(prog="readme_table.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="*", metavar="REPORT_DIR", help="folders of report.json (per-report tables)")
+    parser.add_argument("--summary", help="summary.json of `benchmarks/seeds.py combine`: the table over seeds")
+    parser.add_argument("--write", metavar="README", help="with --summary: put the table between the README's "
+                        f"{START} and {END} instead of printing it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.summary and args.reports:
+        parser.error("give report folders or --summary, not both")
+    if not args.summary:
+        if args.write:
+            parser.error("--write goes with --summary")
+        if not args.reports:
+            parser.error("give report folders or --summary")
+        print_report_tables(args.reports)
+        return 0
+    try:
+        table = summary_table(load_combined(Path(args.summary)))
+        if args.write:
+            replace_between_markers(Path(args.write), table)
+            print(f"wrote the results table from {args.summary} into {args.write}")
+        else:
+            print(table)
+    except TableError as exc:
+        print(f"readme_table.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a README that cannot be written (utils.io names it)
+        print(f"readme_table.py: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

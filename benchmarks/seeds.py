@@ -4,6 +4,8 @@
         --out-dir benchmarks/results/rt-snippets-seeds -- --dataset rt-snippets --epochs 2 --betas 0.03,0.05
     python benchmarks/seeds.py aggregate --out-dir benchmarks/results/rt-snippets-seeds
     python benchmarks/seeds.py aggregate --reports benchmarks/results/rt-snippets/report.json --out-dir /tmp/x
+    python benchmarks/seeds.py combine --summaries benchmarks/results/rt-snippets-seeds benchmarks/results/trec6-seeds \\
+        --out-dir benchmarks/results
 
 ``run`` calls ``consistentee benchmark --run-dir RUN_DIR --seed SEED --out-dir OUT/seed-SEED OPTIONS`` once per
 seed, one after the other (each uses every core), skips a seed whose ``report.json`` exists (unless ``--force``),
@@ -11,7 +13,11 @@ records each command in ``OUT/runs.json`` and then aggregates. ``aggregate`` rea
 ``--reports``) and writes ``summary.json``, ``summary.md`` and ``summary.png`` to ``OUT``: per rule the mean, std,
 min and max over seeds of AUC and of the best layer speed-up within 0.5 / 1 point (standard and same-weights
 settings), the calibrated median speed-up and violation rate, and per setting and metric a verdict: the gap of
-consistentee to the best other rule with a t-interval over the paired per-seed differences.
+consistentee to the best other rule with a t-interval over the paired per-seed differences. ``combine`` reads
+the ``summary.json`` of several datasets (one each; default: every ``benchmarks/results/*/summary.json``) and
+writes one ``summary.json``, ``summary.md`` and ``summary.png`` over them: per dataset, setting and rule the mean
+and std of AUC (%), the best speed-ups and the calibrated speed-up @1pt, the verdicts, and whether consistentee
+leads; ``benchmarks/readme_table.py --summary`` turns it into the README's table.
 """
 
 from __future__ import annotations
@@ -85,13 +91,18 @@ def _report_seed(report: dict) -> int | None:
     return seed if isinstance(seed, int) else None
 
 
-def load_report(path: Path) -> dict:
+def read_input(path: Path):
+    """The JSON at ``path``; a missing or unreadable file is a :class:`SeedsError`."""
     try:
-        report = read_json(path)
+        return read_json(path)
     except FileNotFoundError:
         raise SeedsError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SeedsError(f"{path}: not a readable JSON file ({exc})") from None
+
+
+def load_report(path: Path) -> dict:
+    report = read_input(path)
     if not isinstance(report, dict) or not isinstance(report.get("methods"), dict) or not report["methods"]:
         raise SeedsError(f"{path}: not a report.json of consistentee benchmark (no 'methods')")
     return report
@@ -497,6 +508,37 @@ def _duration(seconds: float | None) -> str:
 # ---------------------------------------------------------------------------------------------- summary.png
 
 
+#: the settings drawn side by side: (key, label, colour).
+BAR_SETTINGS = (("standard", "standard", "tab:blue"), ("same_weights", "same weights", "tab:orange"))
+
+
+def _setting_bars(ax, x, i: int, stats: Sequence[tuple[float, float | None] | None], *, bottom: float):
+    """Setting ``i`` of BAR_SETTINGS as bars at ``x`` from ``(mean, std)`` pairs (None: no bar) with ±1 std error
+    bars (none at all when no std is known: one seed); returns the bars' positions."""
+    import numpy as np
+
+    _, label, color = BAR_SETTINGS[i]
+    width = 0.8 / len(BAR_SETTINGS)
+    pos = x + (i - (len(BAR_SETTINGS) - 1) / 2) * width
+    means = np.array([s[0] if s else np.nan for s in stats])
+    errs = [s[1] if s and s[1] is not None else 0.0 for s in stats]
+    ax.bar(pos, means - bottom, width, bottom=bottom, yerr=errs if any(errs) else None, capsize=3, color=color,
+           alpha=0.8, label=label, error_kw={"elinewidth": 1})
+    return pos
+
+
+def _finish_axes(ax, x, rules: Sequence[str], ylabel: str, *, bottom: float, oracle: float | None = None) -> None:
+    """Labels, grid and legend; the oracle's mean dashed (drawn before the y limit is fixed, so that it shows)."""
+    if oracle is not None:
+        ax.axhline(oracle, color="black", linestyle="--", linewidth=0.9, label="oracle (standard)")
+    ax.set_ylim(bottom=bottom)
+    ax.set_xticks(x)
+    ax.set_xticklabels(rules)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
 def plot_summary(summary: dict, path: Path) -> Path:
     """Grouped bars (standard, same weights) with std error bars and each seed as a dot: AUC and best x @1pt."""
     import numpy as np
@@ -504,24 +546,18 @@ def plot_summary(summary: dict, path: Path) -> Path:
 
     from consistentee.evaluation.plots import save_figure
 
-    settings = [("standard", "standard", "tab:blue"), ("same_weights", "same weights", "tab:orange")]
-    rules = list(dict.fromkeys(r for s, _, _ in settings for r in summary["settings"][s] if r != ORACLE))
+    rules = list(dict.fromkeys(r for s, _, _ in BAR_SETTINGS for r in summary["settings"][s] if r != ORACLE))
     panels = [("auc", "AUC (%)", 100.0), ("best_layer_speedup_at_1pt", "best layer speed-up within 1 pt (x)", 1.0)]
     fig = Figure(figsize=(max(6.4, 1.1 * len(rules) + 2), 6.6))
-    width = 0.8 / len(settings)
+    width = 0.8 / len(BAR_SETTINGS)
     x = np.arange(len(rules))
     for row, (metric, ylabel, scale) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, row + 1)
         lows = []
-        for i, (setting, name, color) in enumerate(settings):
+        for i, (setting, _, _) in enumerate(BAR_SETTINGS):
             stats = [summary["settings"][setting].get(r, {}).get(metric) for r in rules]
-            pos = x + (i - (len(settings) - 1) / 2) * width
-            means = [scale * s["mean"] if s else np.nan for s in stats]
-            errs = [scale * s["std"] if s and s["std"] is not None else 0.0 for s in stats]
-            errs = errs if any(errs) else None  # one seed: no error bars at all
-            bottom = 1.0 if metric != "auc" else 0.0
-            ax.bar(pos, np.array(means) - bottom, width, bottom=bottom, yerr=errs, capsize=3, color=color,
-                   alpha=0.8, label=name, error_kw={"elinewidth": 1})
+            pairs = [(scale * s["mean"], s["std"] and scale * s["std"]) if s else None for s in stats]
+            pos = _setting_bars(ax, x, i, pairs, bottom=1.0 if metric != "auc" else 0.0)
             for p, s in zip(pos, stats, strict=True):
                 if s:
                     seeds = [scale * v for v in s["per_seed"].values()]
@@ -529,22 +565,235 @@ def plot_summary(summary: dict, path: Path) -> Path:
                     ax.plot(p + np.asarray(spread), seeds, "o", color="black", markersize=2.5, zorder=3)
                     lows.append(min(seeds) - (s["std"] or 0) * scale)
         oracle = (summary.get("reference") or {}).get("oracle_layer_speedup")
-        if metric != "auc" and oracle:
-            ax.axhline(oracle["mean"], color="black", linestyle="--", linewidth=0.9, label="oracle (standard)")
-        if metric == "auc" and lows:
-            ax.set_ylim(bottom=max(0.0, math.floor(min(lows) - 2)))
-        else:
-            ax.set_ylim(bottom=1.0)
-        ax.set_xticks(x)
-        ax.set_xticklabels(rules)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
+        _finish_axes(ax, x, rules, ylabel, bottom=max(0.0, math.floor(min(lows) - 2)) if metric == "auc" and lows
+                     else 1.0, oracle=oracle["mean"] if metric != "auc" and oracle else None)
     n = len(summary["seeds"])
     fig.suptitle(f"{', '.join(summary['datasets'])}: mean over {n} seed(s)"
                  + (", error bars ±1 std, dots = seeds" if n > 1 else " (one seed: no spread)"), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ combine: one summary a dataset
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COMBINE_BY = "benchmarks/seeds.py combine"
+#: combined key -> (metric of the per-dataset summary, scale): AUC in percent, speed-ups as they are.
+COMBINED_METRICS = {"auc": ("auc", 100.0), "best_speedup_05pt": ("best_layer_speedup_at_0.5pt", 1.0),
+                    "best_speedup_1pt": ("best_layer_speedup_at_1pt", 1.0)}
+COMBINED_SETTINGS = ("standard", "same_weights")
+UNITS = {"auc": "percent: 100 x the fractions of the per-dataset summary.json (its tables show percent); "
+                "std in points",
+         "speedup": "x, layer speed-up against full depth",
+         "std": "sample standard deviation over the dataset's seeds; null for one seed (no spread)"}
+#: the lead table: combined key, its label, how its gap is written.
+LEAD_METRICS = (("auc", "highest mean AUC", "pt"), ("best_speedup_1pt", "highest mean best x @1pt", "x"))
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (what a committed summary should hold)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def summary_paths(given: Sequence[str] | None, out_dir: Path) -> list[Path]:
+    """The summaries given (a folder stands for its summary.json), else every ``RESULTS_DIR/*/summary.json`` but
+    ``out_dir``'s own and combined ones."""
+    if given:
+        return [Path(p) / "summary.json" if Path(p).is_dir() else Path(p) for p in given]
+    own = (out_dir / "summary.json").resolve()
+    found = []
+    for path in sorted(RESULTS_DIR.glob("*/summary.json")):
+        if path.resolve() == own:
+            continue
+        content = read_input(path)
+        if isinstance(content, dict) and content.get("generated_by") == COMBINE_BY:
+            continue
+        found.append(path)
+    if not found:
+        raise SeedsError(f"no {_shown(RESULTS_DIR)}/*/summary.json: run seeds.py run or aggregate first, "
+                         "or pass --summaries")
+    return found
+
+
+def load_seeds_summary(path: Path) -> tuple[str, dict]:
+    """``(dataset, summary)`` of a summary.json written by ``run`` or ``aggregate`` on one dataset."""
+    summary = read_input(path)
+    settings = summary.get("settings") if isinstance(summary, dict) else None
+    if not isinstance(settings, dict) or not all(isinstance(settings.get(s), dict) for s in EXTRACT) \
+            or not isinstance(summary.get("seeds"), list) or not isinstance(summary.get("datasets"), list):
+        raise SeedsError(f"{path}: not a summary.json of seeds.py run/aggregate (no 'seeds', 'datasets' and "
+                         "'settings' per setting)")
+    if len(summary["datasets"]) != 1:
+        raise SeedsError(f"{path}: summarises {len(summary['datasets'])} datasets "
+                         f"({', '.join(summary['datasets']) or 'none'}); combine takes one dataset a summary")
+    return summary["datasets"][0], summary
+
+
+def _mean_std(stats: dict | None, scale: float = 1.0) -> tuple[float | None, float | None]:
+    if not stats:
+        return None, None
+    return scale * stats["mean"], None if stats.get("std") is None else scale * stats["std"]
+
+
+def combined_rules(summary: dict, setting: str) -> dict[str, dict]:
+    """Per rule of ``setting``: mean and std of AUC (%), best x @0.5/1pt and the calibrated median x @1pt."""
+    calibrated = summary["settings"]["calibrated"]
+    rules = {}
+    for rule, stats in summary["settings"][setting].items():
+        row: dict[str, float | int | None] = {}
+        for key, (metric, scale) in COMBINED_METRICS.items():
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(stats.get(metric), scale)
+        row["calibrated_speedup_1pt_mean"], row["calibrated_speedup_1pt_std"] = \
+            _mean_std((calibrated.get(rule) or {}).get("median_speedup_at_1pt"))
+        row["n_seeds"] = max((s["n"] for s in stats.values() if s), default=0)
+        rules[rule] = row
+    return rules
+
+
+def lead(rules: dict[str, dict], key: str) -> dict:
+    """Whether consistentee has the highest mean ``key`` among the non-oracle rules; ``gap``: consistentee minus
+    the best other rule (``other_rule``). ``leads`` is None without consistentee; a tie leads."""
+    means = {r: row[f"{key}_mean"] for r, row in rules.items() if r != ORACLE and row.get(f"{key}_mean") is not None}
+    others = {r: m for r, m in means.items() if r != CHALLENGER}
+    other = max(others, key=others.__getitem__) if others else None  # the first of a tie (report order)
+    if CHALLENGER not in means:
+        return {"leads": None, "leader": other, "other_rule": other, "gap": None}
+    if other is None:
+        return {"leads": True, "leader": CHALLENGER, "other_rule": None, "gap": None}
+    gap = means[CHALLENGER] - others[other]
+    return {"leads": gap >= 0, "leader": CHALLENGER if gap >= 0 else other, "other_rule": other, "gap": gap}
+
+
+def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict:
+    datasets: dict[str, dict] = {}
+    sources: dict[str, Path] = {}
+    for path in paths:
+        name, summary = load_seeds_summary(path)
+        if name in datasets:
+            raise SeedsError(f"{sources[name]} and {path} both summarise dataset {name}: give one summary a dataset")
+        sources[name] = path
+        settings = {setting: {"rules": combined_rules(summary, setting)} for setting in COMBINED_SETTINGS}
+        datasets[name] = {
+            "seeds": summary["seeds"], "source": _shown(path), "model": summary.get("model"),
+            "level": summary.get("level"), "settings": settings,
+            "lead": {setting: {key: lead(settings[setting]["rules"], key) for key, _, _ in LEAD_METRICS}
+                     for setting in COMBINED_SETTINGS},
+            "verdicts": summary.get("verdicts") or {}, "reference": summary.get("reference") or {},
+        }
+    return {"datasets": datasets, "units": UNITS, "command": command, "generated_by": COMBINE_BY}
+
+
+def _pm(mean: float | None, std: float | None, unit: str = "") -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.2f}{unit}" + ("" if std is None else f" ± {std:.2f}")
+
+
+def combined_cells(row: dict) -> list[str]:
+    """AUC %, best x @0.5pt, best x @1pt, calibrated x @1pt (each mean ± std) and the number of seeds."""
+    return [_pm(row["auc_mean"], row["auc_std"]),
+            *(_pm(row[f"{key}_mean"], row[f"{key}_std"], "x")
+              for key in ("best_speedup_05pt", "best_speedup_1pt", "calibrated_speedup_1pt")),
+            str(row["n_seeds"])]
+
+
+COMBINED_HEADER = "AUC % | best x @0.5pt | best x @1pt | calibrated x @1pt | seeds |"
+COMBINED_ALIGN = "---: | ---: | ---: | ---: | ---: |"
+SETTING_NAMES = {"standard": "standard", "same_weights": "same weights"}
+
+
+def _lead_cell(entry: dict, unit: str) -> str:
+    if entry["leads"] is None:
+        return "— (no consistentee)"
+    if entry["gap"] is None:
+        return "yes (no other rule)"
+    gap = f"{abs(entry['gap']):.2f}" + (" pt" if unit == "pt" else "x")
+    if entry["leads"]:
+        return f"yes, tied with {entry['other_rule']}" if entry["gap"] == 0 else \
+            f"yes, +{gap} over {entry['other_rule']}"
+    return f"no: {entry['leader']} leads by {gap}"
+
+
+def render_combined_markdown(combined: dict) -> str:
+    datasets = combined["datasets"]
+    out = [f"# Results over seeds: {', '.join(datasets)}", ""]
+    out.append(f"{len(datasets)} dataset(s), each from its own `seeds.py` summary.json. Cells: mean ± std over that "
+               "dataset's training seeds (sample std; one seed shows its value alone: no spread). AUC in %; x = layer "
+               "speed-up against full depth; best x is read off the **test** curve; calibrated x @1pt is the "
+               "median speed-up of the knob calibrated on dev for a 1-point budget (Learn-then-Test re-splits; "
+               "the same figure in both settings).")
+    for name, entry in datasets.items():
+        n = len(entry["seeds"])
+        out += ["", f"## {name}", "", f"{entry.get('model')}, {n} seed(s) ({', '.join(entry['seeds'])}), from "
+                f"`{entry['source']}`." + (" **1 seed: no spread.**" if n == 1 else "")]
+        for setting in COMBINED_SETTINGS:
+            out += ["", f"### {SETTINGS[setting]}", "", f"| rule | {COMBINED_HEADER}", f"| :--- | {COMBINED_ALIGN}"]
+            out += [f"| {rule} | " + " | ".join(combined_cells(row)) + " |"
+                    for rule, row in entry["settings"][setting]["rules"].items()]
+        if entry["verdicts"]:
+            out += ["", "Verdicts (consistentee against the best other rule, from its summary.json):", "",
+                    *verdict_rows({"level": entry.get("level") or 0.95, "verdicts": entry["verdicts"]})]
+    out += ["", "## Does consistentee lead?", "",
+            "Among the non-oracle rules, by mean over seeds; the gap is consistentee minus the best other rule "
+            "(see each dataset's verdicts for whether it exceeds the seed-to-seed spread).", "",
+            "| dataset | setting | seeds | " + " | ".join(label for _, label, _ in LEAD_METRICS) + " |",
+            "| :--- | :--- | ---: | " + " | ".join(":---" for _ in LEAD_METRICS) + " |"]
+    for name, entry in datasets.items():
+        for setting in COMBINED_SETTINGS:
+            cells = [_lead_cell(entry["lead"][setting][key], unit) for key, _, unit in LEAD_METRICS]
+            out.append(f"| {name} | {SETTING_NAMES[setting]} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    if combined.get("command"):
+        out += ["", "This summary:", "", f"    {combined['command']}"]
+    return "\n".join(out) + "\n"
+
+
+def plot_combined(combined: dict, path: Path) -> Path:
+    """Per dataset a panel of the best layer speed-up @1pt per rule, standard and same weights side by side,
+    error bars ±1 std over seeds."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from consistentee.evaluation.plots import save_figure
+
+    datasets = combined["datasets"]
+    panels = {name: list(dict.fromkeys(r for s in COMBINED_SETTINGS for r, row in entry["settings"][s]["rules"].items()
+                                      if r != ORACLE and row["best_speedup_1pt_mean"] is not None))
+              for name, entry in datasets.items()}
+    fig = Figure(figsize=(max(6.4, 1.1 * max(map(len, panels.values()), default=1) + 2), 0.4 + 3.0 * len(panels)))
+    for row, (name, rules) in enumerate(panels.items()):
+        ax = fig.add_subplot(len(panels), 1, row + 1)
+        x = np.arange(len(rules))
+        entry = datasets[name]
+        for i, (setting, _, _) in enumerate(BAR_SETTINGS):
+            table = entry["settings"][setting]["rules"]
+            _setting_bars(ax, x, i, [(table[r]["best_speedup_1pt_mean"], table[r]["best_speedup_1pt_std"])
+                                     if table.get(r, {}).get("best_speedup_1pt_mean") is not None else None
+                                     for r in rules], bottom=1.0)
+        oracle = (entry.get("reference") or {}).get("oracle_layer_speedup")
+        _finish_axes(ax, x, rules, "best x within 1 pt", bottom=1.0, oracle=oracle["mean"] if oracle else None)
+        n = len(entry["seeds"])
+        ax.set_title(f"{name}: mean over {n} seed(s)" + (", error bars ±1 std" if n > 1 else " (1 seed: no spread)"),
+                     fontsize=9)
+    fig.suptitle("Best layer speed-up within 1 point of full depth (test curve)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def combine(out_dir: Path, summaries: Sequence[str] | None = None, *, command: str | None = None) -> dict:
+    """Read every summary first (bad input writes nothing), then OUT/summary.{json,md,png}."""
+    combined = combine_summaries(summary_paths(summaries, out_dir), command)
+    markdown = render_combined_markdown(combined)
+    write_json(out_dir / "summary.json", combined)
+    write_text(out_dir / "summary.md", markdown)
+    plot_combined(combined, out_dir / "summary.png")
+    print(f"wrote {out_dir / 'summary.md'}, summary.json and summary.png ({len(combined['datasets'])} dataset(s): "
+          f"{', '.join(combined['datasets'])})")
+    return combined
+
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -707,6 +956,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     verbs.choices["aggregate"].add_argument("--reports", nargs="+", metavar="REPORT",
                                             help="report.json files to take as the seeds instead of OUT/seed-*")
+    comb = verbs.add_parser("combine", help="one summary over datasets from their per-dataset summary.json",
+                            description="Combine the summary.json of several datasets (one each, written by run "
+                                        "or aggregate) into OUT/summary.json, summary.md and summary.png.")
+    comb.add_argument("--summaries", nargs="+", metavar="SUMMARY",
+                      help="per-dataset summary.json files or their folders (default: every "
+                           "benchmarks/results/*/summary.json but OUT's own)")
+    comb.add_argument("--out-dir", default=_shown(RESULTS_DIR), help="gets summary.json, summary.md and "
+                      "summary.png (default: %(default)s)")
     return parser
 
 
@@ -723,7 +980,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.verb == "run":
             return run_seeds(args, options, command)
-        aggregate(Path(args.out_dir), args.reports, level=args.level, command=command)
+        if args.verb == "combine":
+            combine(Path(args.out_dir), args.summaries, command=command)
+        else:
+            aggregate(Path(args.out_dir), args.reports, level=args.level, command=command)
         return 0
     except SeedsError as exc:
         print(f"seeds.py: error: {exc}", file=sys.stderr)

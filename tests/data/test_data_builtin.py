@@ -120,5 +120,6 @@ def test_vitaminc_missing_sdist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv(BIGBENCH_ENV, str(tmp_path / "absent.tar.gz"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(DataError, match=r"pip download --no-deps bigbench==1\.0\.0"):
+    monkeypatch.setenv("CONSISTENTEE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"python -m consistentee\.resources bigbench"):
         load_builtin("vitaminc")

@@ -55,6 +55,13 @@ def tiny_run(tmp_path_factory):
     return root, sdist
 
 
+def test_exit_agreement_compares_each_exit_with_the_last():
+    top = torch.tensor([[5, 7, 7], [1, 2, 3], [4, 4, 4], [9, 8, 8]])
+    features = {"top": top, "draft_top": torch.tensor([[7, 7, 7], [3, 3, 3], [0, 4, 4], [8, 8, 8]])}
+    assert B.exit_agreement(features, [1, 2, 3]) == {"1": 0.25, "2": 0.75, "3": 1.0}
+    assert B.exit_agreement(features, [1, 2, 3], "draft_top") == {"1": 0.75, "2": 1.0, "3": 1.0}
+
+
 def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     root, sdist = tiny_run
     monkeypatch.setenv("CONSISTENTEE_BIGBENCH_SDIST", str(sdist))
@@ -76,3 +83,7 @@ def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     for name in ("report.md", "report.json", "quality_vs_speed.png"):
         assert (tmp_path / name).is_file()
     assert "R-L diff [95% CI]" in (tmp_path / "report.md").read_text()
+    agreement = report["perplexity"]["per_exit_agreement"]
+    assert set(agreement) == {"full_head", "draft_head"}
+    assert agreement["full_head"][str(report["num_layers"])] == 1.0  # the last exit is the full model
+    assert all(0.0 <= v <= 1.0 for head in agreement.values() for v in head.values())

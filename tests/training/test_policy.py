@@ -229,3 +229,40 @@ def test_non_finite_or_zero_rates_are_refused_before_training(field_value):
     name, value = field_value
     with pytest.raises(ValueError, match=name):
         PolicyConfig(**{name: value})
+
+
+def _always_exit_first_run(hardness_run, tmp_path):
+    """A copy of the hand-built run whose stage-1 policies exit every input at layer 1."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(hardness_run, run_dir, ignore=shutil.ignore_patterns("policies"))
+    model_dir = run_dir / "stage1" / "model"
+    model = EarlyExitForSequenceClassification.from_pretrained(model_dir)
+    with torch.no_grad():
+        for policy in model.policies:
+            policy.net[-1].weight.zero_()
+            policy.net[-1].bias.fill_(30.0)
+    model.save_pretrained(model_dir, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    return run_dir
+
+
+@pytest.mark.parametrize("anchor", [0.0, 0.5])
+def test_the_anchor_trains_the_deep_exits_that_no_rollout_reaches(hardness_run, tmp_path, anchor):
+    run_dir = _always_exit_first_run(hardness_run, tmp_path)
+    stage1 = EarlyExitForSequenceClassification.from_pretrained(run_dir / "stage1" / "model")
+    before = stage1.exits[-1].weight.clone()
+    cfg = PolicyConfig(beta=0.1, rollouts=2, policy_epochs=0, joint_epochs=1, policy_batch_size=32, seed=0,
+                       anchor_weight=anchor, policy_features=stage1.config.policy_features)  # keeps the policies
+    model_dir = train_policy(run_dir, cfg, device="cpu", progress=False, log=lambda *_: None)
+    after = EarlyExitForSequenceClassification.from_pretrained(model_dir).exits[-1].weight
+    changed = (after - before).abs().max().item()
+    if anchor == 0:
+        assert changed == 0  # the paper's stage 3: only the exit taken learns
+    else:
+        assert changed > 1e-4
+
+
+def test_a_negative_anchor_weight_is_refused():
+    with pytest.raises(ValueError, match="anchor_weight"):
+        PolicyConfig(anchor_weight=-1.0)

@@ -15,8 +15,21 @@ from consistentee.training.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from consistentee.training.run import DataConfig, ModelConfig, run_evaluate, run_stage1
-from consistentee.training.stage1 import Stage1Config, multi_exit_loss, pabee_weights, phases_for
+from consistentee.training.run import (
+    DataConfig,
+    ModelConfig,
+    load_run_model,
+    run_evaluate,
+    run_stage1,
+    split_tables,
+)
+from consistentee.training.stage1 import (
+    Stage1Config,
+    multi_exit_loss,
+    pabee_weights,
+    phases_for,
+    self_distillation_loss,
+)
 
 
 def test_pabee_weights_grow_with_depth_and_sum_to_one():
@@ -33,6 +46,25 @@ def test_multi_exit_loss_is_the_weighted_sum_of_per_exit_ce():
     assert torch.allclose(multi_exit_loss(logits, labels, w), expected)
 
 
+def test_self_distillation_is_the_weighted_kl_from_the_detached_last_exit():
+    logits = torch.randn(4, 3, 5, requires_grad=True)
+    w = torch.tensor([0.1, 0.3, 0.6])
+    p_last = torch.softmax(logits[:, -1].detach(), -1)
+    kl = [(p_last * (p_last.log() - torch.log_softmax(logits[:, i], -1))).sum(-1).mean() for i in range(2)]
+    expected = (0.1 * kl[0] + 0.3 * kl[1]) / 0.4
+    loss = self_distillation_loss(logits, w)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert logits.grad[:, -1].abs().sum() == 0  # the teacher is not pulled towards its students
+    assert logits.grad[:, 0].abs().sum() > 0
+
+
+def test_self_distillation_is_zero_when_every_exit_already_agrees_with_the_last():
+    same = torch.randn(4, 1, 5).expand(4, 3, 5)
+    assert self_distillation_loss(same, pabee_weights(3)).abs() < 1e-6
+    assert self_distillation_loss(same, torch.tensor([0.0, 0.0, 1.0])) == 0  # the final phase of deebert
+
+
 def test_deebert_recipe_trains_the_final_exit_then_the_others():
     first, second = phases_for("deebert", 4)
     assert first.train_backbone and first.trained_exits == [3] and first.exit_weights.tolist() == [0, 0, 0, 1]
@@ -44,6 +76,8 @@ def test_invalid_settings_are_refused():
         Stage1Config(recipe="magic")
     with pytest.raises(ValueError, match="epochs"):
         Stage1Config(epochs=0)
+    with pytest.raises(ValueError, match="distill_weight"):
+        Stage1Config(distill_weight=-0.5)
 
 
 def _cfgs(tiny_csv, tiny_encoder_dir, **stage1):
@@ -74,6 +108,24 @@ def test_stage1_learns_and_writes_the_run_directory(tiny_csv, tiny_encoder_dir, 
 
     result = run_evaluate(tmp_path, "test", device="cpu", progress=False, log=lambda *_: None)
     assert result["examples"] == 6 and len(result["per_exit_accuracy"]) == 3
+
+
+def test_self_distillation_brings_the_shallow_exits_closer_to_the_last(tiny_csv, tiny_encoder_dir, tmp_path):
+    def shallow_kl(run_dir):
+        model = EarlyExitForSequenceClassification.from_pretrained(run_dir / "stage1" / "model")
+        _, data = load_run_model(run_dir, device="cpu")
+        tables = split_tables(model, data, "train", progress=False)
+        logits = tables.probs.clamp_min(1e-9).log()
+        return self_distillation_loss(logits, pabee_weights(model.num_layers)).item()
+
+    kls = {}
+    for weight in (0.0, 2.0):
+        # deebert: the same final exit in both runs (phase 1), then only the shallow exits learn (phase 2)
+        data, model_cfg, cfg = _cfgs(tiny_csv, tiny_encoder_dir, distill_weight=weight, recipe="deebert", epochs=4,
+                                     learning_rate=3e-3, head_learning_rate=1e-2)
+        run_stage1(tmp_path / str(weight), data, model_cfg, cfg, device="cpu", progress=False, log=lambda *_: None)
+        kls[weight] = shallow_kl(tmp_path / str(weight))
+    assert kls[2.0] < 0.8 * kls[0.0], kls
 
 
 def test_a_rerun_of_a_finished_stage_loads_instead_of_training(tiny_csv, tiny_encoder_dir, tmp_path):

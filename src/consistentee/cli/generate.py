@@ -2,7 +2,8 @@
 
 Prompts come from the command line (one or more), or from ``--input`` (one prompt per line; '-' reads stdin).
 A single prompt streams to stdout as it is generated; several prompts are generated as one batch (per-row
-exits) and printed in order, or as JSON lines with ``--json`` (text, tokens, mean exit layer).
+exits) and printed in order, or as JSON lines with ``--json`` (text, tokens, mean exit layer). Every rule but
+``full`` needs trained exits: ``--exits-dir``, else those shipped with the built-in model (checked by sha256).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def add_parser(verbs) -> argparse.ArgumentParser:
     parser.add_argument("prompts", nargs="*", help="prompt(s); omitted: read --input")
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, local directory or hub id")
     parser.add_argument("--exits-dir", default=None,
-                        help="trained exit heads and policies (e.g. RUN_DIR/exits/stage3); required by every "
-                             "rule except 'full'")
+                        help="trained exit heads and policies (e.g. RUN_DIR/exits/stage3); every rule except "
+                             "'full' needs them; default: the exits bundled with the built-in model, if any")
     parser.add_argument("--input", default=None, help="file with one prompt per line ('-': stdin)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="JSON lines out (no streaming)")
@@ -46,6 +47,20 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
+def _bundled_exits(model: str, rule: str) -> Path:
+    """The exits shipped with the built-in ``model``, checked; a clear error when there are none."""
+    from consistentee.generation.bundled import bundled_exits_dir, describe_training, verify_bundle
+
+    found = bundled_exits_dir(model)
+    if found is None:
+        raise ValueError(f"rule {rule!r} needs trained exits: pass --exits-dir (or use --rule full); no exits are "
+                         f"bundled for model {model!r}")
+    meta = verify_bundle(found)
+    print(f"consistentee: using the bundled exits for {model} (trained with {describe_training(meta)})",
+          file=sys.stderr)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     from consistentee.generation.decoder import EarlyExitLM
     from consistentee.generation.generate import generate
@@ -54,10 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = dataclass_from_args(GenerationConfig, args)
     prompts = _prompts(args)
-    if cfg.rule != "full" and args.exits_dir is None:
-        raise ValueError(f"rule {cfg.rule!r} needs trained exits: pass --exits-dir (or use --rule full)")
+    exits_dir = args.exits_dir
+    if cfg.rule != "full" and exits_dir is None:
+        exits_dir = _bundled_exits(args.model, cfg.rule)
     base, tok = load_causal_lm(args.model, resolve_device(args.device))
-    model = EarlyExitLM.load_exits(args.exits_dir, base, merge=True) if args.exits_dir else EarlyExitLM(base)
+    model = EarlyExitLM.load_exits(exits_dir, base, merge=True) if exits_dir else EarlyExitLM(base)
     stream = len(prompts) == 1 and not args.json
 
     def on_text(row: int, text: str) -> None:

@@ -25,7 +25,8 @@ split the rows keep the file order.
 ``vitaminc``
     VitaminC fact verification as a sentence-pair task, from the BIG-bench 1.0.0 sdist
     (``*/benchmark_tasks/vitaminc_fact_verification/task.json``) found via the environment variable
-    ``CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/bigbench-1.0.0.tar.gz``. Each input is
+    ``CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/bigbench-1.0.0.tar.gz`` (fetched and checked by
+    ``python -m consistentee.resources bigbench``, which ``make setup`` runs). Each input is
     split on ``"\\nClaim: "`` into evidence (text) and claim (text pair); the label is the answer
     with the highest target score. Ids ``vitaminc-<example index>``. Seeded 80/10/10 split.
 """
@@ -42,9 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from consistentee import resources
 from consistentee.data.dataset import DatasetSplits, TextSplit, split_by_counts, split_seeded
 from consistentee.data.errors import DataError
 from consistentee.data.labels import LabelList
+from consistentee.resources import BIGBENCH_ENV as BIGBENCH_ENV  # re-exported: the variable naming the sdist
 from consistentee.resources import MissingResourceError, package_dir
 
 RT_TRAIN, RT_DEV = 8000, 1000
@@ -57,8 +60,6 @@ TREC_COARSE = {0: "DESC", 1: "ENTY", 2: "ABBR", 3: "HUM", 4: "NUM", 5: "LOC"}
 TREC_TRAIN_COUNTS = {"ABBR": 86, "DESC": 1162, "ENTY": 1250, "HUM": 1223, "LOC": 835, "NUM": 896}
 TREC_TEST_COUNTS = {"ABBR": 9, "DESC": 138, "ENTY": 94, "HUM": 65, "LOC": 81, "NUM": 113}
 
-BIGBENCH_ENV = "CONSISTENTEE_BIGBENCH_SDIST"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 VITAMINC_MEMBER = "benchmark_tasks/vitaminc_fact_verification/task.json"
 CLAIM_SEPARATOR = "\nClaim: "
 
@@ -205,19 +206,12 @@ def load_sms_spam(seed: int = 0) -> DatasetSplits:
 
 
 def bigbench_sdist_path() -> Path:
-    """Where the BIG-bench sdist is expected; raises DataError saying how to get it."""
-    env = os.environ.get(BIGBENCH_ENV)
-    candidates = [Path(env).expanduser()] if env else []
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "consistentee"
-    candidates.append(cache / BIGBENCH_SDIST)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"vitaminc needs the BIG-bench sdist: run `pip download --no-deps bigbench==1.0.0` and put "
-        f"{BIGBENCH_SDIST} in {cache} or set {BIGBENCH_ENV} to its path (looked in: "
-        f"{', '.join(map(str, candidates))})"
-    )
+    """Where the BIG-bench sdist is (:func:`consistentee.resources.bigbench_sdist_path`); DataError saying how to
+    get it."""
+    try:
+        return resources.bigbench_sdist_path("vitaminc")
+    except MissingResourceError as exc:
+        raise DataError(str(exc)) from None
 
 
 @functools.lru_cache(maxsize=2)

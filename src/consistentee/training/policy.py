@@ -4,7 +4,9 @@ Recipe, per round (``rounds`` alternations):
   stage 2 ("policy"): backbone and classifiers frozen (dropout on), the policies learn by REINFORCE with a
            group baseline over K rollouts per example, reward R = log q_e(y|x) - beta * w(x) * e;
   stage 3 ("joint"):  everything trains; the classifier loss is applied only at the exit each rollout took
-           (or weighted by the detached exit distribution, ``joint_loss="expected"``), plus the policy loss.
+           (or weighted by the detached exit distribution, ``joint_loss="expected"``), plus the policy loss,
+           plus ``anchor_weight`` times the stage-1 loss on every exit (a full pass over the batch), so that the
+           deep exits, which few rollouts reach, do not lose what the shallow ones gain.
 Optionally the memorized layers are recomputed between rounds.
 
 Everything lands in ``run_dir/policies/beta-<beta>/``: ``model/`` (the model after the last finished
@@ -68,7 +70,9 @@ from consistentee.training.run import (
 from consistentee.training.stage1 import (
     NonFiniteLossError,
     epoch_order,
+    multi_exit_loss,
     optimizer_for,
+    pabee_weights,
     shard_loader,
     shard_steps,
 )
@@ -110,6 +114,9 @@ class PolicyConfig:
     joint_epochs: int = field(default=1, metadata={"help": "stage-3 (consistent joint) epochs per round; 0 skips it"})
     policy_batch_size: int = field(default=32, metadata={"help": "examples per step (each rolled out K times)"})
     policy_learning_rate: float = field(default=1e-2, metadata={"help": "learning rate of the policies"})
+    anchor_weight: float = field(default=0.0, metadata={"advanced": True,
+        "help": "stage 3: weight of the stage-1 loss on every exit (one full pass per batch) next to the loss at "
+                "the exits taken; keeps full-depth accuracy (0: the paper's stage 3)"})
     joint_learning_rate: float = field(default=2e-5, metadata={"advanced": True,
         "help": "stage-3 learning rate of the backbone"})
     joint_head_learning_rate: float = field(default=2e-4, metadata={"advanced": True,
@@ -167,6 +174,9 @@ class PolicyConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.anchor_weight, int | float) and math.isfinite(self.anchor_weight)
+                and self.anchor_weight >= 0):
+            raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight!r}")
         if not (math.isfinite(self.beta) and math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"beta and max_grad_norm must be finite (max_grad_norm > 0), got {self.beta!r}, "
                              f"{self.max_grad_norm!r}")
@@ -389,7 +399,8 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
                             world, rank)[skip:]
         loader = shard_loader(train_set, steps, collate, cfg.seed)
         for step, (shard, batch) in enumerate(zip(steps, loader, strict=True), start=skip):
-            batch = repeat_batch({n: v.to(accelerator.device) for n, v in batch.items()}, k)
+            single = {n: v.to(accelerator.device) for n, v in batch.items()}
+            batch = repeat_batch(single, k)
             eps = epsilon.value(global_step)
             noise = ActionNoise.draw(shard.global_examples * k, num_layers, generator, eps, accelerator.device)
             first = min(rank * cfg.policy_batch_size, shard.global_examples - 1) * k
@@ -407,6 +418,8 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
                 loss = loss + (ce * row_weight).sum()
+                if cfg.anchor_weight > 0:
+                    loss = loss + cfg.anchor_weight * _anchor_loss(model, single, shard.weights, accelerator)
             if not all_finite(accelerator, loss):  # every process stops together
                 raise NonFiniteLossError(
                     f"beta {cfg.beta:g} {unit} epoch {epoch + 1} step {global_step + 1}: the loss is not finite "
@@ -441,6 +454,14 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     for p in model.parameters():
         p.requires_grad_(True)
     return log_rows
+
+
+def _anchor_loss(model, batch: dict[str, torch.Tensor], weights: list[float], accelerator: Accelerator) -> torch.Tensor:
+    """Stage 1's loss (every exit, deeper exits weighted more) on the batch once, without rollouts."""
+    with accelerator.autocast():
+        out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+    example_weights = torch.tensor(weights, device=accelerator.device)
+    return multi_exit_loss(out.exit_logits, batch["labels"], pabee_weights(model.num_layers), example_weights)
 
 
 def _log_row(accelerator, unit, epoch, step, loss, reward, ro, real, num_layers, eps) -> dict:

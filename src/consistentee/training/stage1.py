@@ -70,6 +70,9 @@ class Stage1Config:
     mixed_precision: str = field(default="auto", metadata={"advanced": True,
         "help": "auto (bf16/fp16 on GPU, none on CPU), no, fp16, bf16",
                                                      "choices": ("auto", "no", "fp16", "bf16")})
+    distill_weight: float = field(default=0.0, metadata={"advanced": True,
+        "help": "self-distillation: weight of the KL from the last exit's distribution (detached) to every "
+                "earlier exit's, added to the exits' cross-entropy (0: off)"})
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -81,7 +84,7 @@ class Stage1Config:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("weight_decay", "max_grad_norm"):
+        for name in ("weight_decay", "max_grad_norm", "distill_weight"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -135,6 +138,29 @@ def multi_exit_loss(exit_logits: torch.Tensor, labels: torch.Tensor, weights: to
     else:
         per_exit = (ce.view(b, n) * example_weights.to(ce.device, ce.dtype).unsqueeze(1)).sum(0)
     return (per_exit * weights.to(ce.device)).sum()
+
+
+def self_distillation_loss(exit_logits: torch.Tensor, weights: torch.Tensor,
+                           example_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum over the exits below the last of KL(last exit || exit), the last exit detached.
+
+    The teacher is the model's own final layer, so the shallow exits learn its full distribution (which classes it
+    finds close), not only the gold label, without pulling the final layer towards them. ``weights`` are the
+    exits' loss weights ([L]; the last one is ignored and the rest renormalised); 0 when no earlier exit has weight.
+    """
+    b, n, c = exit_logits.shape
+    logits = exit_logits.float()
+    teacher = F.log_softmax(logits[:, -1].detach(), dim=-1).unsqueeze(1)  # [B, 1, C]
+    student = F.log_softmax(logits[:, :-1], dim=-1)  # [B, L-1, C]
+    kl = (teacher.exp() * (teacher - student)).sum(-1)  # [B, L-1]
+    if example_weights is None:
+        per_exit = kl.mean(0)
+    else:
+        per_exit = (kl * example_weights.to(kl.device, kl.dtype).unsqueeze(1)).sum(0)
+    w = weights[:-1].to(kl.device, kl.dtype)
+    if float(w.sum()) <= 0:
+        return kl.sum() * 0.0
+    return (per_exit * w / w.sum()).sum()
 
 
 def _set_trainable(model: EarlyExitForSequenceClassification, phase: Phase) -> list[torch.nn.Parameter]:
@@ -300,6 +326,9 @@ def train_stage1(
                 example_weights = torch.tensor(shard.weights, device=accelerator.device)
                 out = prepared(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 loss = multi_exit_loss(out.exit_logits, batch["labels"], phase.exit_weights, example_weights)
+                if cfg.distill_weight > 0:
+                    loss = loss + cfg.distill_weight * self_distillation_loss(out.exit_logits, phase.exit_weights,
+                                                                              example_weights)
                 if not all_finite(accelerator, loss):  # every process stops together
                     raise NonFiniteLossError(
                         f"stage 1 [{phase.name}] epoch {epoch + 1} step {step + 1}: the loss is not finite "
