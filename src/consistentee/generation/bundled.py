@@ -10,12 +10,12 @@ it; :func:`verify_bundle` checks it before use. Loading casts the bfloat16 weigh
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 from pathlib import Path, PurePosixPath
 
 from consistentee.resources import ResourceChecksumError
+from consistentee.utils.io import file_sha256
 
 #: package folder (inside ``consistentee.generation``) holding one bundle per built-in model name
 BUNDLE_FOLDER = "bundled_exits"
@@ -23,7 +23,6 @@ BUNDLE_FOLDER = "bundled_exits"
 BUNDLE_META = "bundle.json"
 #: the built-in decoder models a bundle may exist for (see :data:`.loading.BUILTIN_LMS`)
 BUNDLE_MODELS = ("smollm2-135m",)
-_CHUNK = 1 << 20
 
 
 class CorruptBundleError(ResourceChecksumError):
@@ -42,14 +41,6 @@ def bundled_exits_dir(model_name: str) -> Path | None:
         return None
     path = bundle_root() / model_name
     return path if (path / BUNDLE_META).is_file() else None
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_bundle_meta(path: str | Path) -> dict:

@@ -11,7 +11,6 @@ ever read from safetensors, never pickle, and no remote code is needed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from consistentee.model.constants import (
 from consistentee.model.families import backbone_from_config, load_backbone
 from consistentee.resources import resolve_model_path
 from consistentee.utils.io import atomic_directory
+from consistentee.utils.io import file_sha256 as sha256_file
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "EarlyExitForSequenceClassification", "MultiExitOutput",
            "PolicyNetwork", "PolicyPath", "resolve_model_dir", "sentence_embedding_pooling", "sha256_file"]
@@ -504,12 +504,6 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
         if isinstance(dtype, torch.dtype):
             model = model.to(dtype)
         return model.to(target).eval()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (recorded in config.json at save, checked at load)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _load_device(device: Any, device_map: Any) -> torch.device:

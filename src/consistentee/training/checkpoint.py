@@ -7,7 +7,6 @@ state (optimizer, scheduler, RNG states, data position; a tensors-only ``torch.s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from consistentee.utils.io import atomic_directory
+from consistentee.utils.io import atomic_directory, file_sha256
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -28,14 +27,6 @@ MANIFEST_FILE = "manifest.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing a file, truncated, or does not match its manifest."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -66,7 +57,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, trainer_state: dict
     with atomic_directory(directory) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         torch.save({**trainer_state, "rng": capture_rng_state()}, tmp / STATE_FILE)
-        manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
                     for name in (MODEL_FILE, STATE_FILE)}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
@@ -118,7 +109,7 @@ def verify_checkpoint(directory: str | Path) -> None:
             raise CheckpointError(f"checkpoint file {path} is missing")
         if path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"checkpoint file {path} is truncated ({path.stat().st_size} of {entry['bytes']} bytes)")
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint file {path} is corrupt (checksum mismatch)")
 
 

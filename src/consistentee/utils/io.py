@@ -8,6 +8,7 @@ name (:class:`OutputError`), never with the temporary name nobody asked for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -160,3 +161,9 @@ def save_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and move the result to ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in blocks (model weights, checkpoints, shipped exits, downloads)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
