@@ -536,7 +536,7 @@ def _finish_axes(ax, x, rules: Sequence[str], ylabel: str, *, bottom: float, ora
     ax.set_xticklabels(rules)
     ax.set_ylabel(ylabel)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
 
 
 def plot_summary(summary: dict, path: Path) -> Path:
