@@ -619,6 +619,10 @@ def summary_paths(given: Sequence[str] | None, out_dir: Path) -> list[Path]:
     return found
 
 
+#: The benchmark's default model; other models' datasets are named with it in the combined summary.
+DEFAULT_MODEL = "minilm"
+
+
 def load_seeds_summary(path: Path) -> tuple[str, dict]:
     """``(dataset, summary)`` of a summary.json written by ``run`` or ``aggregate`` on one dataset."""
     summary = read_input(path)
@@ -668,11 +672,19 @@ def lead(rules: dict[str, dict], key: str) -> dict:
     return {"leads": gap >= 0, "leader": CHALLENGER if gap >= 0 else other, "other_rule": other, "gap": gap}
 
 
+def dataset_key(dataset: str, model: str | None) -> str:
+    """A dataset's name in the combined summary: with the model's when it is not the default (trec6-mpnet)."""
+    if model in (None, DEFAULT_MODEL):
+        return dataset
+    return f"{dataset}-{Path(str(model).rstrip('/')).name}"
+
+
 def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict:
     datasets: dict[str, dict] = {}
     sources: dict[str, Path] = {}
     for path in paths:
         name, summary = load_seeds_summary(path)
+        name = dataset_key(name, summary.get("model"))
         if name in datasets:
             raise SeedsError(f"{sources[name]} and {path} both summarise dataset {name}: give one summary a dataset")
         sources[name] = path

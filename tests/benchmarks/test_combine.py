@@ -34,10 +34,11 @@ ROW_KEYS = {"auc_mean", "auc_std", "best_speedup_1pt_mean", "best_speedup_1pt_st
 ONE_SEED = {"speed": (1.7, 1.8), "auc": (0.79, 0.81)}
 
 
-def write_summary(folder: Path, dataset: str, speed: dict, auc: dict) -> Path:
+def write_summary(folder: Path, dataset: str, speed: dict, auc: dict, model: str = "minilm") -> Path:
     """``folder/summary.json`` as ``seeds.py aggregate`` would write it for these fake reports."""
     runs = [seeds.Run(str(seed), seed, folder / f"seed-{seed}" / "report.json",
-                      fakes.make_report(seed, speed[seed], auc[seed], dataset=dataset)) for seed in speed]
+                      fakes.make_report(seed, speed[seed], auc[seed], dataset=dataset, model=model))
+            for seed in speed]
     summary = seeds.summarize(runs, command=f"python benchmarks/seeds.py aggregate --out-dir {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     seeds.write_json(folder / "summary.json", summary)
@@ -70,7 +71,7 @@ def test_combine_schema_and_values_equal_the_per_dataset_ones(tmp_path, two_data
     entry = combined["datasets"]["toy"]
     assert entry["seeds"] == ["0", "1", "2"]
     assert entry["source"] == str(toy)
-    assert entry["model"] == "tiny"
+    assert entry["model"] == "minilm"
     assert entry["verdicts"] == per_dataset["verdicts"]
     assert entry["reference"] == per_dataset["reference"]
     for setting in ("standard", "same_weights"):
@@ -101,6 +102,18 @@ def test_combine_schema_and_values_equal_the_per_dataset_ones(tmp_path, two_data
             assert row["auc_std"] is None and row["best_speedup_1pt_std"] is None  # null, not 0
             assert row["best_speedup_05pt_std"] is None and row["calibrated_speedup_1pt_std"] is None
     assert one["settings"]["standard"]["rules"]["entropy"]["best_speedup_1pt_mean"] == pytest.approx(1.8)
+
+
+def test_combine_names_another_models_dataset_after_the_model(tmp_path, two_datasets):
+    toy, _ = two_datasets
+    big = write_summary(tmp_path / "results" / "toy-mpnet", "toy", {0: ONE_SEED["speed"]}, {0: ONE_SEED["auc"]},
+                        model="mpnet")
+    local = write_summary(tmp_path / "results" / "toy-local", "toy", {0: ONE_SEED["speed"]}, {0: ONE_SEED["auc"]},
+                          model="/models/my-bert/")
+    combined = _combine(tmp_path, toy, big, local)
+    assert list(combined["datasets"]) == ["toy", "toy-mpnet", "toy-my-bert"]  # side by side, not a clash
+    assert combined["datasets"]["toy-mpnet"]["model"] == "mpnet"
+    assert combined["datasets"]["toy-mpnet"]["settings"]["standard"]["rules"]["entropy"]["n_seeds"] == 1
 
 
 def test_combine_lead_table_says_no_when_another_rule_is_ahead(tmp_path, two_datasets):

@@ -28,7 +28,8 @@ SPEED = {0: (2.0, 1.8), 1: (2.2, 1.9), 2: (2.1, 1.85)}
 AUC = {0: (0.80, 0.79), 1: (0.78, 0.80), 2: (0.82, 0.80)}
 
 
-def make_report(seed: int, speed: tuple[float, float], auc: tuple[float, float], *, dataset: str = "toy") -> dict:
+def make_report(seed: int, speed: tuple[float, float], auc: tuple[float, float], *, dataset: str = "toy",
+                model: str = "minilm") -> dict:
     """A report.json with what seeds.py reads: three rules, two betas of same weights, calibration at 0.5/1pt."""
     def method(s: float, a: float) -> dict:
         return {"knob_name": "k", "auc": a, "best_layer_speedup_at_0.5pt": s - 0.1, "best_layer_speedup_at_1pt": s}
@@ -42,7 +43,7 @@ def make_report(seed: int, speed: tuple[float, float], auc: tuple[float, float],
                      for rule, s, v in (("entropy", ent, 0.05), ("static", 1.5, 0.0), ("consistentee", cons, 0.12))}
                for key, factor in (("0.5", 0.8), ("1.0", 0.9))}
     return {
-        "dataset": dataset, "model": "tiny", "split_sizes": {"train": 80, "dev": 10, "test": 10},
+        "dataset": dataset, "model": model, "split_sizes": {"train": 80, "dev": 10, "test": 10},
         "full_depth": {"accuracy": 0.85}, "methods": methods,
         "oracle": {"accuracy": 0.95, "layer_speedup": 3.0 + seed, "flops_speedup": 2.9},
         "calibration": {"delta": 0.1, "budgets": budgets}, "same_weights": same,

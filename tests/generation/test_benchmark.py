@@ -78,6 +78,9 @@ def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     assert lossless["identical_outputs"] is True and 0.0 <= lossless["acceptance"] <= 1.0
     # verification is counted: 4 layers for every position + full-head rows; never cheaper than drafting alone
     assert 0.3 < lossless["flops_ratio"] <= 1.0 + 1e-9
+    # its layer speed-up counts the layers it ran (drafts + verification): a number, never nan
+    assert 0.2 < rows[lossless["config"]]["layer_speedup"] < 2.0
+    assert rows["full"]["layer_speedup"] == 1.0
     assert set(report["goal"]) >= {"speedup_vs_full", "rougeL_loss", "config", "target_met"}
     assert report["cost_model"]["layer_equivalents"]["head_500"] > 0
     for name in ("report.md", "report.json", "quality_vs_speed.png"):

@@ -202,6 +202,7 @@ def test_train_exits_writes_each_stage_and_resumes_from_the_files(tmp_path, caps
     memorized = load_file(tmp_path / T.MEMORIZED_FILE)[T.MEMORIZED_KEY]
     assert memorized.shape == (3, 12) and memorized.dtype == torch.long
     assert set(read_json(tmp_path / "timings.json")) == {"stage1", "stage2", "stage3"}
+    assert not (tmp_path / T.STAGE1_CHECKPOINT).exists()  # removed once stage 1 is saved
     capsys.readouterr()
     again = _model()
     T.train_exits(again, _CharTokenizer(), tmp_path, cfg, progress=True)
@@ -240,8 +241,66 @@ def test_stage1_layerskip_options_train_the_heads(kw):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.heads.parameters(), strict=True))
 
 
+def _lora_model():
+    from consistentee.generation.lora import LoRAConfig
+
+    model = _model()
+    model.base.requires_grad_(False)
+    model.add_lora(LoRAConfig(2, 4.0, ("q_proj", "v_proj")))
+    return model
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_stage1_resumes_from_its_checkpoint_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    chunks = torch.randint(3, 64, (8, 10))
+    cfg = T.LMTrainConfig(seq_len=10, batch_size=2, stage1_steps=5, checkpoint_every=2, lora_rank=2,
+                          lora_targets="q_proj,v_proj", lora_alpha=4.0, layer_dropout=0.3, head_positions=3)
+    straight = _lora_model()
+    reference = T.stage1(straight, chunks, cfg, progress=False)
+
+    stopped, ckpt = _lora_model(), tmp_path / T.STAGE1_CHECKPOINT
+    calls = {"n": 0}
+    step = torch.optim.Adam.step
+
+    def stop_after_three(self, *a, **k):  # the process dies during step 4, after the checkpoint of step 2
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Stop
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", stop_after_three)
+    with pytest.raises(_Stop):
+        T.stage1(stopped, chunks, cfg, progress=False, checkpoint_dir=ckpt)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    assert ckpt.is_dir()
+
+    resumed = _lora_model()  # a fresh process: untrained heads and LoRA, loaded from the checkpoint
+    losses = T.stage1(resumed, chunks, cfg, progress=False, checkpoint_dir=ckpt)
+    assert losses == pytest.approx(reference, abs=0, rel=1e-6) and len(losses) == 5
+    expect = straight.trainable_modules().state_dict()
+    for name, value in resumed.trainable_modules().state_dict().items():
+        assert torch.allclose(value, expect[name], atol=1e-6), name
+    for name, value in straight.lora_params.items():
+        assert torch.allclose(resumed.lora_params[name], value, atol=1e-6), name
+
+
+def test_stage1_refuses_a_checkpoint_of_other_settings(tmp_path):
+    chunks = torch.randint(3, 64, (8, 10))
+    cfg = T.LMTrainConfig(seq_len=10, batch_size=2, stage1_steps=3, checkpoint_every=1)
+    model, ckpt = _model(), tmp_path / T.STAGE1_CHECKPOINT
+    T.stage1(model, chunks, cfg, progress=False, checkpoint_dir=ckpt)
+    assert ckpt.is_dir()  # the last checkpoint (step 2) stays until train_exits has saved stage 1
+    with pytest.raises(ValueError, match="other settings"):
+        T.stage1(_model(), chunks, T.LMTrainConfig(seq_len=10, batch_size=2, stage1_steps=3, lr_heads=1e-4,
+                                                   checkpoint_every=1), progress=False, checkpoint_dir=ckpt)
+
+
 @pytest.mark.parametrize("kw", [{"head_positions": -1}, {"hardness_floor": 1.5}, {"layer_dropout": -0.1},
-                                {"exit_kl": -1.0}])
+                                {"exit_kl": -1.0}, {"checkpoint_every": -1}])
 def test_new_options_are_checked(kw):
     with pytest.raises(ValueError):
         T.LMTrainConfig(**kw)

@@ -29,7 +29,9 @@ Policy and reward are indexed by the position whose hidden state decided, and th
 next token (docs/method.md section 8: the authors' code was off by one here).
 
 Resumes at stage granularity: each finished stage is a saved exits directory in the run directory; the
-memorized layers are kept in ``memorized.safetensors``.
+memorized layers are kept in ``memorized.safetensors``. Stage 1, the long one (hours with a LoRA on CPU), also
+keeps a checkpoint every ``checkpoint_every`` steps (the trained weights, optimizer and sampling state) and resumes
+from it bit for bit when the same run is started again.
 
 Runs under ``accelerate launch`` (DDP, gloo on CPU processes or NCCL): ``batch_size`` is per process, and N
 processes with batch b train like one process with batch N*b (same sequences, same sampled positions and exits,
@@ -38,6 +40,7 @@ gradients of the same global mean; :class:`Shards`). With one process the number
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,6 +56,12 @@ from torch import Tensor, nn
 from consistentee.generation.data import lm_chunks
 from consistentee.generation.decoder import EXITS_CONFIG, EarlyExitLM
 from consistentee.generation.lora import LoRAConfig, parse_targets
+from consistentee.training.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from consistentee.training.distributed import all_reduce_grads, on_main, process_mean, process_sum
 from consistentee.training.rl import (
     HARDNESS,
@@ -70,6 +79,8 @@ from consistentee.training.stage1 import shard_steps
 from consistentee.utils.io import read_json, save_with, write_json
 from consistentee.utils.runtime import set_seed
 
+#: Stage 1's checkpoint while it runs (removed once stage 1 is saved).
+STAGE1_CHECKPOINT = "stage1.checkpoint"
 #: Memorized layer per (RL chunk, position), written once after stage 1.
 MEMORIZED_FILE = "memorized.safetensors"
 MEMORIZED_KEY = "memorized"
@@ -84,6 +95,8 @@ class LMTrainConfig:
     batch_size: int = field(default=4, metadata={
         "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
     stage1_steps: int = field(default=100, metadata={"help": "stage-1 steps (exit heads)"})
+    checkpoint_every: int = field(default=50, metadata={"advanced": True,
+        "help": "stage-1 steps between checkpoints a stopped run resumes from (0: none)"})
     head_positions: int = field(default=32, metadata={"advanced": True,
         "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
     corpus: str = field(default="wikitext", metadata={
@@ -143,6 +156,8 @@ class LMTrainConfig:
             raise ValueError(f"rollouts must be >= 2 for a group baseline, got {self.rollouts}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         for name in ("seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -387,9 +402,27 @@ def _sampled_exits(model: EarlyExitLM, gen: torch.Generator, shards: Shards) -> 
 # --------------------------------------------------------------------------- stages
 
 
+class _Trained(nn.Module):
+    """The parameters stage 1 trains (exit heads, LoRA) as one module, so a checkpoint holds them alone."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+def _stage1_signature(cfg: LMTrainConfig) -> str:
+    """What a stage-1 checkpoint must have been trained with to be resumed (not the later stages' settings)."""
+    keys = ("seq_len", "batch_size", "stage1_steps", "head_positions", "corpus", "layer_dropout", "exit_kl",
+            "lr_heads", "lora_rank", "lora_alpha", "lora_targets", "seed")
+    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+
+
 def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True,
-           accelerator: Accelerator | None = None) -> list[float]:
-    """Exit heads on the weighted per-exit CE; returns the global step losses."""
+           accelerator: Accelerator | None = None, checkpoint_dir: Path | None = None) -> list[float]:
+    """Exit heads on the weighted per-exit CE; returns the global step losses.
+
+    With ``checkpoint_dir`` a checkpoint is written every ``cfg.checkpoint_every`` steps and a run started again
+    continues from it exactly (same batches, layer dropout and positions as an uninterrupted run)."""
     shards = _shards(model, accelerator)
     lora = list(model.lora_params.values())
     # the last exit is the model itself: it only has a gradient (through the LoRA) when there is a LoRA
@@ -400,8 +433,19 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
     weights = weights / weights.sum()
     gen = torch.Generator().manual_seed(cfg.seed)
     drop = layer_dropout_rates(model.num_layers, cfg.layer_dropout)
-    losses = []
-    for step in range(cfg.stage1_steps):
+    losses: list[float] = []
+    trained = _Trained(params)
+    start = 0
+    if checkpoint_dir is not None and find_checkpoint(checkpoint_dir) is not None:
+        state = load_checkpoint(checkpoint_dir, trained)
+        if state["config"] != _stage1_signature(cfg):
+            raise ValueError(f"{checkpoint_dir}: a stage-1 checkpoint of other settings ({state['config']}); "
+                             "use the same settings or another run directory")
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start, losses = int(state["step"]), state["losses"].tolist()
+        shards.log(progress, f"stage 1: resuming at step {start + 1}/{cfg.stage1_steps} from {checkpoint_dir}")
+    for step in range(start, cfg.stage1_steps):
         batch = chunks[shards.step_rows(step, cfg.batch_size, len(chunks))].to(model.device)
         n, t = batch.shape
         skip = None
@@ -436,6 +480,12 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
         losses.append(shards.mean_value(loss))
         if step % 10 == 0 or step == cfg.stage1_steps - 1:
             shards.log(progress, f"stage 1 step {step + 1}/{cfg.stage1_steps}: weighted exit CE {losses[-1]:.3f}")
+        done = step + 1
+        if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                and done < cfg.stage1_steps:
+            state = {"step": done, "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                     "losses": torch.tensor(losses, dtype=torch.float64), "config": _stage1_signature(cfg)}
+            shards.on_main(lambda state=state: save_checkpoint(checkpoint_dir, trained, state))
     return losses
 
 
@@ -642,7 +692,7 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
             continue
         start = time.perf_counter()
         if name == "stage1":
-            stage1(model, s1_chunks, cfg, progress, shards.accelerator)
+            stage1(model, s1_chunks, cfg, progress, shards.accelerator, run_dir / STAGE1_CHECKPOINT)
         elif name == "stage2":
             signal = _hardness_signal(model, rl_chunks, cfg, run_dir, shards, progress)
             stage2(model, rl_chunks, signal, cfg, progress, shards.accelerator)
@@ -650,5 +700,7 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
             stage3(model, rl_chunks, cfg, progress, shards.accelerator)
         timings[name] = time.perf_counter() - start
         shards.on_main(lambda name=name: model.save_exits(run_dir / name, {"train": asdict(cfg)}))
+        if name == "stage1":
+            shards.on_main(lambda: remove_checkpoint(run_dir / STAGE1_CHECKPOINT))
     shards.on_main(lambda: write_json(run_dir / "timings.json", timings))
     return run_dir / "stage3"
