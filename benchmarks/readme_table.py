@@ -40,18 +40,23 @@ def _acc(entry: dict | None, full: float) -> str:
     return f"{100 * entry['test_accuracy']:.2f} ({100 * (entry['test_accuracy'] - full):+.2f})"
 
 
+def _name(report: dict) -> str:
+    """The dataset, with the model when it is not the default (trec6-mpnet), as in the combined summary."""
+    return seeds.dataset_key(report["dataset"], report.get("model"))
+
+
 def rows(report: dict) -> list[str]:
     full = report["full_depth"]["accuracy"]
     out = []
     for rule, method in report["methods"].items():
         naive = method["dev_selected"]["1pt"]
         cal = (method.get("calibrated") or {}).get("1pt")
-        out.append(f"| {report['dataset']} | {rule} | {100 * method['auc']:.2f} "
+        out.append(f"| {_name(report)} | {rule} | {100 * method['auc']:.2f} "
                    f"| {_x(method['best_layer_speedup_at_0.5pt'])} | {_x(method['best_layer_speedup_at_1pt'])} "
                    f"| {_acc(naive, full)} | {_acc(cal, full)} | {_x(cal and cal.get('test_layer_speedup'))} "
                    f"| {_x(cal and cal.get('test_flops_speedup'))} | {_x(cal and cal.get('test_wall_speedup'))} |")
     oracle = report["oracle"]
-    out.append(f"| {report['dataset']} | oracle | | | | | {100 * oracle['accuracy']:.2f} | {_x(oracle['layer_speedup'])} "
+    out.append(f"| {_name(report)} | oracle | | | | | {100 * oracle['accuracy']:.2f} | {_x(oracle['layer_speedup'])} "
                f"| {_x(oracle.get('flops_speedup'))} | |")
     return out
 
@@ -69,7 +74,7 @@ def study_rows(report: dict) -> list[str]:
             ratio = "—" if e.get("ratio_to_best") is None else f"{100 * e['ratio_to_best']:.0f}%"
             cells += [f"{100 * e['violation_rate']:.1f}% / {100 * e['naive_violation_rate']:.1f}%",
                       _x(e["median_speedup"]), ratio]
-        out.append(f"| {report['dataset']} | {rule} | " + " | ".join(cells) + " |")
+        out.append(f"| {_name(report)} | {rule} | " + " | ".join(cells) + " |")
     return out
 
 

@@ -127,11 +127,13 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     assert set(study) >= {"0.5", "1.0"} and set(study["1.0"]) == set(recipe.ALL_RULES)
     assert all(0.0 <= e["violation_rate"] <= 1.0 for e in study["1.0"].values())
     assert set(report["same_weights"]) == {"0.01", "0.05"}
+    for beta, model in report["consistentee_models"].items():  # one entry per policy, layers 1..L-1
+        assert [r["layer"] for r in model["policy_sensitivity"]] == [1, 2], beta
     timed_ok = any(p["wall_speedup"] is not None for m in report["methods"].values() for p in m["points"])
     for key, name in PLOT_FILES.items():  # the wall-clock plot needs a valid timing (a tiny model times noise)
         assert (out / name).is_file() == (key != "tradeoff_wall" or timed_ok), name
     md = (out / "report.md").read_text()
-    assert "## Summary" in md and "## How it was run" in md
+    assert "## Summary" in md and "## How it was run" in md and "## Does the policy read its input?" in md
     assert calls == [[0.01, 0.05]]
 
     # a second run reuses stage 1, the memorized layers, the learned heads and the policy models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from consistentee.evaluation.calibration import Outcomes
-from consistentee.evaluation.summary import paired_bootstrap
+from consistentee.evaluation.summary import paired_bootstrap, policy_sensitivity
 
 
 def _rule(ref: np.ndarray, exit_layers: list[int], wrong_share: list[float], seed: int) -> Outcomes:
@@ -39,3 +39,23 @@ def test_the_same_seed_gives_the_same_intervals():
     a = paired_bootstrap(outs, np.arange(500), (0.0, 0.8), resamples=50, seed=7)
     b = paired_bootstrap(outs, np.arange(500), (0.0, 0.8), resamples=50, seed=7)
     assert a == b
+
+
+def test_policy_sensitivity_tells_a_confidence_reading_policy_from_a_per_layer_constant():
+    rng = np.random.default_rng(0)
+    n = 200
+    confident = rng.uniform(0.5, 1.0, n)  # exit 1's max probability (2 classes)
+    probs = np.zeros((n, 3, 2))
+    probs[:, 0, 0], probs[:, 0, 1] = confident, 1 - confident
+    probs[:, 1:, 0] = 0.9
+    probs[:, 1:, 1] = 0.1
+    labels = (rng.uniform(size=n) > confident).astype(int)  # less confident rows are more often wrong
+    reads = 1 / (1 + np.exp(-(8 * confident - 6)))  # a policy monotone in the confidence
+    against = 1 - reads
+    constant = np.full(n, 0.3)
+    layers = policy_sensitivity(np.stack([reads, constant], 1), probs, labels)
+    assert [r["layer"] for r in layers] == [1, 2]
+    assert layers[0]["spearman_with_max_prob"] == 1.0 and layers[0]["logit_std"] > 0.5
+    assert layers[0]["spearman_with_correct"] == layers[0]["max_prob_spearman_with_correct"] > 0
+    assert layers[1]["logit_std"] == 0.0 and layers[1]["spearman_with_max_prob"] is None  # decides by layer
+    assert policy_sensitivity(np.stack([against, constant], 1), probs, labels)[0]["spearman_with_max_prob"] == -1.0

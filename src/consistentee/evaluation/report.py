@@ -275,6 +275,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         out.append("")
         out += _table(["rule", "setting", "knob", "exit share by layer (%)", "rank corr. with oracle exit",
                        "accuracy by exit layer (%)"], routing_rows, "lllrrr")
+    sensitivity = {beta: v["policy_sensitivity"] for beta, v in (report.get("consistentee_models") or {}).items()
+                   if v.get("policy_sensitivity")}
+    if sensitivity:
+        out += ["", *policy_sensitivity_section(sensitivity)]
     if report.get("same_weights"):
         out += ["", "## Same weights: every rule on each ConsistentEE model", ""]
         out.append("Each rule's decisions on the ConsistentEE model's own weights (budgets against the stage-1 full "
@@ -467,6 +471,26 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def policy_sensitivity_section(models: dict[str, list[dict[str, Any]]], split: str = "test") -> list[str]:
+    """Markdown: per ConsistentEE model, does each layer's policy read its input (``policy_sensitivity``)?"""
+    def corr(v: float | None) -> str:
+        return "—" if v is None else f"{v:+.2f}"
+
+    out = ["## Does the policy read its input?", "",
+           f"On {split}, per ConsistentEE model and per layer's policy (layer 1 first): the spread (std) of the policy's "
+           "logit over the inputs, its Spearman correlation with that exit's max probability, and the max "
+           "probability's own correlation with the exit being right (what a confidence threshold ranks by). A "
+           "policy with a logit that barely moves, or moves against the confidence, decides by layer, not by input.",
+           ""]
+    rows = [[beta, " / ".join(f"{r['logit_std']:.2f}" for r in layers),
+             " / ".join(corr(r["spearman_with_max_prob"]) for r in layers),
+             " / ".join(corr(r["spearman_with_correct"]) for r in layers),
+             " / ".join(corr(r["max_prob_spearman_with_correct"]) for r in layers)]
+            for beta, layers in models.items()]
+    return out + _table(["beta", "logit std by layer", "rank corr. with max prob", "rank corr. with right",
+                         "max prob's rank corr. with right"], rows, "lrrrr")
 
 
 def write_report(

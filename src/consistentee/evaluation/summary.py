@@ -38,6 +38,7 @@ __all__ = [
     "calibrated_points",
     "calibration_study",
     "paired_bootstrap",
+    "policy_sensitivity",
     "frontier_indices",
     "oracle_gap",
     "routing_diagnostics",
@@ -272,6 +273,32 @@ def routing_diagnostics(exit_layers: Any, predictions: Any, labels: Any, oracle_
         "accuracy_by_exit_layer": [float(right[e == layer].mean()) if (e == layer).any() else None
                                    for layer in range(1, num_layers + 1)],
     }
+
+
+def policy_sensitivity(policy_probs: Any, probs: Any, labels: Any) -> list[dict[str, Any]]:
+    """Does each layer's policy read its input, or only know its layer? Per policy (layer 1..L-1): the spread of
+    its logit over the inputs, its Spearman correlation with the exit's max probability and with the exit being
+    right, and the max probability's own correlation with being right (what a confidence threshold ranks by).
+    A policy whose logit barely moves, or moves against the exit's confidence, exits by layer: sweeping its
+    threshold moves whole layers of inputs at once instead of the confident ones first."""
+    from scipy.stats import spearmanr
+
+    p = np.clip(np.asarray(policy_probs, dtype=np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(p) - np.log1p(-p)
+    probs = np.asarray(probs, dtype=np.float64)
+    max_prob = probs.max(-1)
+    right = (probs.argmax(-1) == np.asarray(labels).reshape(-1, 1)).astype(np.float64)
+
+    def rho(a: np.ndarray, b: np.ndarray) -> float | None:
+        if np.ptp(a) == 0 or np.ptp(b) == 0:
+            return None
+        return float(spearmanr(a, b).statistic)
+
+    return [{"layer": layer + 1, "logit_mean": float(logits[:, layer].mean()), "logit_std": float(logits[:, layer].std()),
+             "spearman_with_max_prob": rho(logits[:, layer], max_prob[:, layer]),
+             "spearman_with_correct": rho(logits[:, layer], right[:, layer]),
+             "max_prob_spearman_with_correct": rho(max_prob[:, layer], right[:, layer])}
+            for layer in range(logits.shape[1])]
 
 
 def paired_bootstrap(

@@ -52,6 +52,7 @@ from consistentee.evaluation.summary import (
     calibration_study,
     oracle_gap,
     paired_bootstrap,
+    policy_sensitivity,
     routing_diagnostics,
     summarize_method,
 )
@@ -503,7 +504,9 @@ def _report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps, p
                                               "full_depth_test_accuracy": t.full_depth()["accuracy"],
                                               "full_depth_dev_accuracy": d.full_depth()["accuracy"],
                                               "full_depth_test_change_points": 100.0 * (
-                                                  t.full_depth()["accuracy"] - sweeps.full_test["accuracy"])}
+                                                  t.full_depth()["accuracy"] - sweeps.full_test["accuracy"]),
+                                              "policy_sensitivity": policy_sensitivity(t.policy_probs, t.probs,
+                                                                                       t.labels)}
                                 for beta, (d, t) in tables.policy.items()},
         "settings": {
             "command": command,
