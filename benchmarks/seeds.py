@@ -901,8 +901,6 @@ def run_seeds(args: argparse.Namespace, options: list[str], command: str) -> int
             print(f"seed {seed}: " + ("skip (report.json exists)" if skip else shown))
         return 0
     log_path = out_dir / "runs.json"
-    log = read_json(log_path) if log_path.is_file() else {}
-    log.setdefault("seeds", {})
     for i, (seed, run_dir, seed_out, argv, shown, skip) in enumerate(plan, 1):
         if skip:
             print(f"== seed {seed} ({i}/{len(plan)}): {seed_out / 'report.json'} exists, skipped (--force reruns)",
@@ -915,8 +913,11 @@ def run_seeds(args: argparse.Namespace, options: list[str], command: str) -> int
         except FileNotFoundError:
             raise SeedsError(f"cannot run {argv[0]!r} (--benchmark-cmd {args.benchmark_cmd!r})") from None
         seconds = time.monotonic() - start
-        log["seeds"][str(seed)] = {"command": shown, "run_dir": run_dir, "report": str(seed_out / "report.json"),
-                                   "exit_code": code, "seconds": round(seconds, 2), "seeds_py": command}
+        # read again just before writing: another seeds.py may have run other seeds into this folder meanwhile
+        log = read_json(log_path) if log_path.is_file() else {}
+        log.setdefault("seeds", {})[str(seed)] = {
+            "command": shown, "run_dir": run_dir, "report": str(seed_out / "report.json"), "exit_code": code,
+            "seconds": round(seconds, 2), "seeds_py": command}
         write_json(log_path, log)
         if code != 0:
             print(f"seeds.py: seed {seed} failed (exit status {code}) after {_duration(seconds)}; later seeds not "

@@ -162,9 +162,13 @@ for name in ("--log", "--templates", "--run-dir", "--out-dir"):
     p.add_argument(name)
 p.add_argument("--seed", type=int)
 p.add_argument("--fail-seed", type=int, default=-1)
+p.add_argument("--other-seeds-py", help="runs.json that another seeds.py records a seed 9 in meanwhile")
 args, _ = p.parse_known_args()
 with open(args.log, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+if args.other_seeds_py:
+    pathlib.Path(args.other_seeds_py).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(args.other_seeds_py).write_text(json.dumps({"seeds": {"9": {"exit_code": 0}}}))
 print(f"fake benchmark, seed {args.seed}")
 if args.seed == args.fail_seed:
     sys.exit(3)
@@ -225,6 +229,16 @@ def test_run_skips_existing_seeds_and_runs_the_rest_in_order(tmp_path, fake, cap
     assert len(calls()) == 2
     assert seeds.main([*argv[:1], "--force", *argv[1:]]) == 0  # --force reruns every seed
     assert [c[c.index("--seed") + 1] for c in calls()[2:]] == ["2", "0", "1"]
+
+
+def test_run_keeps_the_seeds_another_seeds_py_recorded_meanwhile(tmp_path, fake):
+    # two seeds.py processes may share an --out-dir (different seeds on different cores): neither drops the other's
+    cmd, _ = fake
+    out = tmp_path / "out"
+    code = seeds.main(["run", "--seeds", "0", "--run-dir", str(tmp_path / "r{seed}"), "--out-dir", str(out),
+                       "--benchmark-cmd", f"{cmd} --other-seeds-py {out / 'runs.json'}"])
+    assert code == 0
+    assert set(json.loads((out / "runs.json").read_text())["seeds"]) == {"0", "9"}
 
 
 def test_run_stops_at_a_failed_seed(tmp_path, fake, capsys):

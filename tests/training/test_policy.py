@@ -263,6 +263,27 @@ def test_the_anchor_trains_the_deep_exits_that_no_rollout_reaches(hardness_run, 
         assert changed > 1e-4
 
 
+@pytest.mark.parametrize(("scope", "anchor"), [("all", 0.0), ("exits", 0.0), ("exits", 0.5)])
+def test_stage3_on_the_exits_alone_keeps_the_backbone_and_the_last_exit(hardness_run, tmp_path, scope, anchor):
+    # without the anchor only the loss at the exit taken trains exit 1; the anchor would train every exit through
+    # the backbone, yet with scope "exits" full depth still cannot move
+    run_dir = _always_exit_first_run(hardness_run, tmp_path)
+    stage1 = EarlyExitForSequenceClassification.from_pretrained(run_dir / "stage1" / "model")
+    cfg = PolicyConfig(beta=0.1, rollouts=2, policy_epochs=0, joint_epochs=1, policy_batch_size=32, seed=0,
+                       anchor_weight=anchor, joint_scope=scope, policy_features=stage1.config.policy_features)
+    model = EarlyExitForSequenceClassification.from_pretrained(
+        train_policy(run_dir, cfg, device="cpu", progress=False, log=lambda *_: None))
+    before, after = dict(stage1.named_parameters()), dict(model.named_parameters())
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    backbone = {name for name in before if not name.startswith(("exits.", "policies."))}
+    assert any(name.startswith("exits.0.") for name in moved)  # the exit every rollout takes learns
+    if scope == "exits":
+        assert not moved & backbone
+        assert not any(name.startswith(f"exits.{stage1.num_layers - 1}.") for name in moved)
+    else:
+        assert moved & backbone
+
+
 def test_a_negative_anchor_weight_is_refused():
     with pytest.raises(ValueError, match="anchor_weight"):
         PolicyConfig(anchor_weight=-1.0)

