@@ -1,0 +1,48 @@
+"""benchmarks/dev_ablation.py: variants compared on dev from their reports' points."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("benchmark_dev_ablation", ROOT / "benchmarks" / "dev_ablation.py")
+dev_ablation = importlib.util.module_from_spec(spec)
+sys.modules["benchmark_dev_ablation"] = dev_ablation
+spec.loader.exec_module(dev_ablation)
+
+
+def _report(points: list[tuple[float, float]], own_full: float = 0.88) -> dict:
+    """A 4-layer report whose consistentee points are (dev speed-up, dev accuracy); test fields are decoys."""
+    return {"num_layers": 4, "full_depth": {"dev_accuracy": 0.90, "accuracy": 0.10},
+            "methods": {"consistentee": {"points": [
+                {"dev_layer_speedup": s, "dev_accuracy": a, "layer_speedup": 4.0, "accuracy": 1.0}
+                for s, a in points]}},
+            "consistentee_models": {"0.1": {"full_depth_dev_accuracy": own_full}}}
+
+
+def test_dev_figures_come_from_the_dev_fields_alone():
+    row = dev_ablation.dev_row(_report([(1.0, 0.90), (2.0, 0.895), (3.0, 0.88), (4.0, 0.70)]), "consistentee")
+    assert row["best_05"] == 2.0 and row["best_1"] == 2.0  # 0.88 is 2 points below 0.90
+    # saved fraction 0..0.75 (x = 1 - 1/speed-up): 0.895 is reachable up to 0.5, 0.88 up to 2/3, 0.70 up to 0.75
+    expected = (0.5 * 0.895 + (2 / 3 - 0.5) * 0.88 + (0.75 - 2 / 3) * 0.70) / 0.75
+    assert row["dev_auc"] == pytest.approx(100 * expected)
+    assert row["own_full_dev"] == [pytest.approx(88.0)]
+
+
+def test_a_missing_report_is_one_line_and_status_2(tmp_path, capsys):
+    assert dev_ablation.main([f"a={tmp_path / 'nope.json'}"], "consistentee", None) == 2
+    assert "want NAME=REPORT_JSON" in capsys.readouterr().err
+
+
+def test_the_table_has_one_row_per_variant(tmp_path):
+    for name, acc in (("a", 0.89), ("b", 0.85)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(_report([(1.0, 0.90), (2.0, acc)])))
+    out = tmp_path / "table.md"
+    assert dev_ablation.main([f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}"], "consistentee", str(out)) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| a |") or line.startswith("| b |")]
+    assert rows[0].split("|")[4].strip() == "2.00x" and rows[1].split("|")[4].strip() == "1.00x"
