@@ -424,6 +424,8 @@ def write_plots(
     methods, oracle = report["methods"], report["oracle"]
     full = report["full_depth"]["accuracy"]
     files: dict[str, str] = {}
+    model = Path(str(report.get("model") or "")).name
+    name = Path(str(report["dataset"])).name + (f" ({model})" if model else "")
     for key, measure, label in (("tradeoff_layer", "layer_speedup", "layer speed-up (L / mean exit layer)"),
                                 ("tradeoff_flops", "flops_speedup", "FLOPs speed-up (analytic)"),
                                 ("tradeoff_wall", "wall_speedup", "wall-clock speed-up (measured)")):
@@ -434,13 +436,12 @@ def write_plots(
         x_max = max(3.0, min(4.0, 1.1 * float(star or 0.0)))
         plot_tradeoff(curves, label, out_dir / PLOT_FILES[key], full_accuracy=full,
                       oracle=None if star is None else (star, oracle["accuracy"]),
-                      title=f"{Path(str(report['dataset'])).name}: accuracy vs {label.split(' (')[0]} (test)",
+                      title=f"{name}: accuracy vs {label.split(' (')[0]} (test)",
                       steps=True, x_max=x_max)
         files[key] = PLOT_FILES[key]
     study = (report.get("calibration") or {}).get("budgets")
     if study:
         rules = list(next(iter(study.values())))
-        name = Path(str(report["dataset"])).name
         for key, field, label, line in (
                 ("calibration_speedup", "median_speedup", "median layer speed-up on the held-out part", None),
                 ("calibration_violations", "violation_rate", "share of re-splits over budget",
