@@ -263,7 +263,10 @@ def settings_warnings(runs: list[Run]) -> list[str]:
     first, warnings = flat(runs[0].report), []
     for run in runs[1:]:
         other = flat(run.report)
-        differ = [f"{k}: {first.get(k)!r} vs {other.get(k)!r}" for k in sorted(set(first) | set(other))
+        def shown(settings: dict, key: str) -> str:  # a setting a report lacks came with a later version
+            return repr(settings[key]) if key in settings else "not recorded (an older version)"
+
+        differ = [f"{k}: {shown(first, k)} vs {shown(other, k)}" for k in sorted(set(first) | set(other))
                   if first.get(k) != other.get(k)]
         if differ:
             warnings.append(f"seed {run.label} ran with other settings than seed {runs[0].label}: "

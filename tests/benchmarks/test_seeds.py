@@ -326,3 +326,13 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, fake, capsys):
     assert printed[1].startswith("seed 1: ") and printed[1].endswith(
         f"--run-dir runs/t1 --seed 1 --out-dir {out / 'seed-1'} --dataset toy")
     assert calls() == [] and not (out / "runs.json").exists()
+
+
+def test_settings_that_differ_are_named_and_a_setting_one_report_lacks_says_so(tmp_path):
+    reports = [make_report(seed, SPEED[seed], AUC[seed]) for seed in (0, 1)]
+    reports[0]["settings"]["policy"] = {"beta": 0.05}
+    reports[1]["settings"]["policy"] = {"beta": 0.1, "joint_scope": "all"}
+    runs = [seeds.Run(str(i), i, tmp_path / f"seed-{i}" / "report.json", r) for i, r in enumerate(reports)]
+    [warning] = seeds.settings_warnings(runs)
+    assert "policy.beta: 0.05 vs 0.1" in warning
+    assert "policy.joint_scope: not recorded (an older version) vs 'all'" in warning
