@@ -11,6 +11,7 @@ the stage-1 model's dev full depth, and the ConsistentEE models' own full-depth 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main(pairs: list[str], rule: str, out: str | None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if out:
-        write_text(out, f"`python benchmarks/dev_ablation.py {' '.join(sys.argv[1:])}`\n\n{text}")
+        write_text(out, f"`python benchmarks/dev_ablation.py {shlex.join(sys.argv[1:])}`\n\n{text}")
     return 0
 
 
