@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from consistentee.evaluation.curves import best_speedup_within
 from consistentee.exits.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.training.policy import policy_model_dir
@@ -93,7 +94,8 @@ def best_accuracy(points: list[tuple[float, float]], speedup: float) -> float:
 
 
 def best_speedup(points: list[tuple[float, float]], full: float, budget: float) -> float:
-    return max((s for acc, s in points if acc >= full - budget - 1e-9), default=1.0)
+    """The largest speed-up within ``budget`` points of ``full`` (%); full depth (1x) when no point is."""
+    return best_speedup_within([(s, acc / 100) for acc, s in points], full / 100, budget) or 1.0
 
 
 def fit_regressions(features: list[np.ndarray], target: np.ndarray) -> list[LogisticRegression | float]:

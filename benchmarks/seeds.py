@@ -260,12 +260,12 @@ def settings_warnings(runs: list[Run]) -> list[str]:
                 out[key] = value
         return {k: v for k, v in out.items() if k not in SEED_SETTINGS and k.split(".")[0] not in SEED_SETTINGS}
 
+    def shown(settings: dict, key: str) -> str:  # a setting a report lacks came with a later version
+        return repr(settings[key]) if key in settings else "not recorded (an older version)"
+
     first, warnings = flat(runs[0].report), []
     for run in runs[1:]:
         other = flat(run.report)
-        def shown(settings: dict, key: str) -> str:  # a setting a report lacks came with a later version
-            return repr(settings[key]) if key in settings else "not recorded (an older version)"
-
         differ = [f"{k}: {shown(first, k)} vs {shown(other, k)}" for k in sorted(set(first) | set(other))
                   if first.get(k) != other.get(k)]
         if differ:

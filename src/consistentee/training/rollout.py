@@ -93,8 +93,8 @@ def rollout(
 
     With ``train_backbone=False`` (stage 2) the backbone and classifiers run without a graph and only the
     policies get gradients; ``train_exits`` (default: ``train_backbone``) gives the classifiers a graph on their
-    own, over the backbone's detached states. ``expected_ce=True`` keeps every row to full depth (the expected-CE loss needs
-    every exit's CE), so nothing is gathered out in that mode. ``noise`` (one row per batch row) replaces
+    own, over the backbone's detached states. ``expected_ce=True`` keeps every row to full depth (the expected-CE
+    loss needs every exit's CE), so nothing is gathered out in that mode. ``noise`` (one row per batch row) replaces
     drawing from ``generator`` layer by layer.
     """
     labels = batch["labels"]
