@@ -84,3 +84,13 @@ def write_results(out: str | os.PathLike, report: dict, markdown: str) -> None:
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     (out / "results.md").write_text(markdown, encoding="utf-8")
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def exit_on_bad_input(prog: str, main, *args) -> int:
+    """``main(*args)``, with a missing or malformed run directory, model or file as one line and status 2 instead
+    of a traceback (the scripts write their outputs atomically, so nothing is left half-written)."""
+    try:
+        return main(*args)
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2

@@ -46,6 +46,9 @@ from consistentee.training.run import (
 )
 from consistentee.utils.io import write_json, write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+import common  # noqa: E402
+
 SPEEDUPS = (1.5, 1.75, 2.0, 2.5, 3.0)
 BUDGETS = (0.5, 1.0)
 LAMBDAS = np.linspace(0.0, 0.4, 41)
@@ -257,4 +260,4 @@ if __name__ == "__main__":
     parser.add_argument("--fit", choices=("dev", "holdout"), help="rows the richer decisions are fitted on")
     parser.add_argument("--out", help="folder that gets decision_ceiling.json and .md")
     args = parser.parse_args()
-    sys.exit(main(args.run_dir, args.beta, args.fit, args.out))
+    sys.exit(common.exit_on_bad_input("decision_ceiling.py", main, args.run_dir, args.beta, args.fit, args.out))

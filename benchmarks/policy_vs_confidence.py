@@ -28,6 +28,9 @@ from consistentee.training.policy import policy_model_dir
 from consistentee.training.run import load_run_model
 from consistentee.utils.io import write_json, write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for common.py
+import common  # noqa: E402
+
 SPEEDUPS = (1.5, 1.75, 2.0, 2.25, 2.5)
 
 
@@ -82,4 +85,4 @@ if __name__ == "__main__":
     parser.add_argument("betas", nargs="+", type=float)
     parser.add_argument("--out", help="folder that gets policy_sensitivity.json and .md")
     args = parser.parse_args()
-    sys.exit(main(args.run_dir, args.betas, args.out))
+    sys.exit(common.exit_on_bad_input("policy_vs_confidence.py", main, args.run_dir, args.betas, args.out))

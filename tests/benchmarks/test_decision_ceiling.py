@@ -81,3 +81,15 @@ def test_summary_reports_no_difference_for_the_same_decision_and_renders():
         assert cell["low"] == cell["high"] == 0.0
     text = dc.markdown(result, "# t")
     assert "| copy |" in text and "best x @1pt" in text
+
+
+def test_a_folder_that_is_no_run_directory_is_one_line_and_status_2(tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decision_ceiling.py"), str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"decision_ceiling.py: error: {tmp_path / 'nope' / 'run.json'} not found: {tmp_path / 'nope'} is not a "
+        "consistentee run directory"]
+    assert not (tmp_path / "out").exists()
