@@ -6,10 +6,13 @@ import torch
 
 from consistentee.exits import (
     RULES,
+    ConfidenceRule,
+    ConsistentEERule,
     ExitRule,
     LayerSignals,
     entropy,
     make_rule,
+    round_knob,
     select_state,
     simulate_exits,
 )
@@ -376,3 +379,15 @@ def test_entropy_threshold_is_strict():
     assert simulate_exits(make_rule("entropy", 0.0), probs).exit_layer.tolist() == [3]
     assert simulate_exits(make_rule("pcee", (1, 0.0)), probs).exit_layer.tolist() == [3]
     assert simulate_exits(make_rule("entropy", 1e-9), probs).exit_layer.tolist() == [1]
+
+
+def test_round_knob_keeps_saturated_thresholds_apart():
+    # six decimals for reading, but a policy's 1 - 2e-8 must not become 1.0 (which sends every row to full depth)
+    assert round_knob(0.12345678) == 0.123457
+    assert round_knob(1 - 2.345678e-8) < 1.0
+    assert round_knob(1 - 2.345678e-8) != round_knob(1 - 3e-9)
+    assert abs(round_knob(1 - 2.3456789e-8) - (1 - 2.34568e-8)) < 1e-15
+    assert 0.0 < round_knob(3.2e-9) < 1e-8
+    assert round_knob(1.0) == 1.0 and round_knob(0.0) == 0.0
+    assert ConsistentEERule.knob_to_json(1 - 2e-8, model_key=0.05)["threshold"] < 1.0
+    assert ConfidenceRule.knob_to_json(1 - 2e-8) < 1.0

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from consistentee.data.tokenize import collate
-from consistentee.exits.rules import LayerSignals, make_rule, simulate_exits
+from consistentee.exits.rules import (
+    ConsistentEERule,
+    LayerSignals,
+    exit_probability,
+    exit_softmax,
+    make_rule,
+    simulate_exits,
+)
+from consistentee.exits.tables import collect_exit_tables
 from consistentee.inference.engine import EarlyExitEngine, full_depth_logits
 
 RULE_NAMES = ["entropy", "confidence", "patience", "pcee", "learned", "static", "consistentee", "oracle"]
@@ -24,8 +32,8 @@ def _batch(tokenizer, texts):
 @torch.inference_mode()
 def _tables(model, heads, batch):
     out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], return_pooled=True)
-    probs = out.exit_logits.float().softmax(-1)
-    policy = out.policy_logits.float().sigmoid()
+    probs = exit_softmax(out.exit_logits)
+    policy = exit_probability(out.policy_logits)
     learned = torch.stack([heads.score(i, out.pooled[:, i]) for i in range(model.num_layers)], dim=1)
     return probs, policy, learned
 
@@ -60,10 +68,10 @@ def _row_signals(model, heads, ids, mask, types):
         per_layer, path = [], None
         for i in range(model.num_layers):
             state, pooled = model.run_layer(i, state)
-            policy = model.policy_logits(i, pooled, path).float().sigmoid() if i < model.num_layers - 1 else None
+            policy = exit_probability(model.policy_logits(i, pooled, path)) if i < model.num_layers - 1 else None
             if model.policies_read_path:
                 path = model.advance_path(i, pooled, path)
-            per_layer.append((model.exit_logits(i, pooled).float().softmax(-1), policy, heads.score(i, pooled).float()))
+            per_layer.append((exit_softmax(model.exit_logits(i, pooled)), policy, heads.score(i, pooled)))
     return per_layer
 
 
@@ -109,7 +117,7 @@ def _check_all_rules(model, tokenizer, heads, texts, *, require_spread: bool):
             out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], labels=labels)
             assert torch.equal(out.exit_layers, ref_layer), (name, trim)
             assert torch.equal(out.predictions, ref_pred), (name, trim)
-            torch.testing.assert_close(out.probs, ref_probs, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out.probs, ref_probs.float(), atol=1e-4, rtol=1e-4)
             assert out.probs.dtype == torch.float32
             expected_rows = [int((ref_layer >= layer).sum()) for layer in range(1, model.num_layers + 1)]
             assert out.rows_per_layer == expected_rows, (name, trim)
@@ -137,6 +145,44 @@ def test_policies_reading_the_path_match_while_rows_leave(deep_tiny_model, tiny_
     model.eval()
     heads = helpers.StandInLearnedHeads(model.backbone.hidden_size, model.num_layers).eval()
     _check_all_rules(model, tiny_tokenizer, heads, helpers.TEXTS, require_spread=True)
+
+
+def test_a_saturated_policy_still_orders_its_rows(tiny_model, tiny_tokenizer, helpers):
+    # A policy that is sure of itself (RL pushes logits past 17) has a float32 sigmoid of exactly 1 on every row:
+    # no threshold could then tell its rows apart, and the ConsistentEE curve jumped from its last point to full
+    # depth. The signal is float64, so a threshold between two such rows splits them, the same way in the
+    # engine, in forward and in the offline tables, and after the knob's trip through a report's JSON.
+    model = copy.deepcopy(tiny_model).eval()
+    batch = _batch(tiny_tokenizer, helpers.TEXTS)
+
+    def policy_logits():
+        with torch.inference_mode():
+            return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).policy_logits
+
+    before = policy_logits()
+    with torch.no_grad():  # map each policy's logits on these rows onto [20, 30]: sure of itself everywhere
+        for index, policy in enumerate(model.policies):
+            low, high = before[:, index].min(), before[:, index].max()
+            scale = 10.0 / (high - low)
+            policy.net[-1].weight.mul_(scale)
+            policy.net[-1].bias.mul_(scale).add_(20.0 - scale * low)
+    logits = policy_logits()
+    assert bool((logits > 17).all()) and bool((logits[:, 0].float().sigmoid() == 1.0).all())  # float32: all 1
+    items = [{k: batch[k][i] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(len(helpers.TEXTS))]
+    tables = collect_exit_tables(model, items, lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                                 progress=False)
+    first = tables.policy_probs[:, 0]
+    assert first.dtype == torch.float64 and len(set(first.tolist())) == len(first)  # every row its own value
+    knob = ConsistentEERule.knob_from_json(ConsistentEERule.knob_to_json(_between(first, 0.5), model_key=0.05))
+    rule = make_rule("consistentee", knob)
+    simulated = simulate_exits(rule, tables.probs, tables.policy_probs)
+    assert 0 < int((simulated.exit_layer == 1).sum()) < len(first)  # the threshold splits the rows at layer 1
+    assert torch.equal(simulated.exit_layer == 1, first > knob)
+    engine = EarlyExitEngine(model, rule)(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert torch.equal(engine.exit_layers, simulated.exit_layer)
+    with torch.inference_mode():
+        forward = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], exit_rule=rule)
+    assert torch.equal(forward.exit_layer.cpu(), simulated.exit_layer)
 
 
 @pytest.mark.integration

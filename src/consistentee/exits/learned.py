@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from consistentee.exits.rules import exit_probability
 from consistentee.exits.tables import ExitTables, collect_exit_tables
 from consistentee.utils.io import atomic_directory
 
@@ -101,7 +102,7 @@ class LearnedExitHeads(nn.Module):
 
     def score(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
         """[B] probability that exit ``index`` (0-based) is right: the ``learned`` rule's signal."""
-        return torch.sigmoid(self.logits(index, pooled).float())
+        return exit_probability(self.logits(index, pooled))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, L, d] pooled states of every layer -> [B, L] logits."""
@@ -112,7 +113,7 @@ class LearnedExitHeads(nn.Module):
 
     def score_all(self, pooled: torch.Tensor) -> torch.Tensor:
         """[B, L, d] -> [B, L] probabilities (the ``learned_scores`` table of :func:`simulate_exits`)."""
-        return torch.sigmoid(self.forward(pooled).float())
+        return exit_probability(self.forward(pooled))
 
     def flops_per_layer(self) -> float:
         """FLOPs (2 x multiply-adds) of one head on one pooled vector (``extra_flops_per_layer``)."""

@@ -77,10 +77,14 @@ __all__ = [
     "StaticRule",
     "ThresholdRule",
     "check_knob_for_depth",
+    "decision_dtype",
     "entropy",
+    "exit_probability",
+    "exit_softmax",
     "make_rule",
     "parse_knob",
     "register_rule",
+    "round_knob",
     "rule_class",
     "rule_names",
     "select_state",
@@ -133,6 +137,27 @@ def entropy(probs: Tensor) -> Tensor:
     return torch.special.entr(probs.float()).sum(dim=-1)
 
 
+def decision_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 for the signals rules threshold (float32 on MPS, which has no float64).
+
+    A sure policy gives logits above 17 and a sure classifier softmax gaps as wide, where float32's sigmoid and
+    softmax are exactly 1: a threshold could no longer order those rows, and a rule's curve would jump from its
+    last point to full depth. float64 keeps them apart up to logits of about 36."""
+    import torch
+
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def exit_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last dim at :func:`decision_dtype`: the ``probs`` signal of every driver alike."""
+    return logits.to(decision_dtype(logits.device)).softmax(dim=-1)
+
+
+def exit_probability(logits: Tensor) -> Tensor:
+    """Sigmoid at :func:`decision_dtype`: the ``policy_prob`` and ``learned_score`` signals of every driver."""
+    return logits.to(decision_dtype(logits.device)).sigmoid()
+
+
 def select_state(state: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     """Keep only ``rows`` (a LongTensor of indices) of every batch-first state tensor."""
     return {k: v.index_select(0, rows) for k, v in state.items()}
@@ -172,8 +197,21 @@ def _check_pos_int(name: str, knob_name: str, value: Any) -> int:
     return int(value)
 
 
+def round_knob(value: float) -> float:
+    """Six decimals for reading; within 1e-4 of 0 or 1, six significant digits of the distance to it.
+
+    Saturated signals differ only there (a policy's 1 - 2e-8 against 1 - 3e-9): a threshold rounded to 1.0 would
+    send all of those rows to full depth at once."""
+    value = float(value)
+    for end in (0.0, 1.0):
+        gap = value - end
+        if 0.0 < abs(gap) < 1e-4:
+            return end + float(f"{gap:.6g}")
+    return round(value, 6)
+
+
 def _grid(values: Iterable[float]) -> list[float]:
-    return sorted({round(float(v), 6) for v in values})
+    return sorted({round_knob(v) for v in values})
 
 
 class _KnobText(ValueError):
@@ -244,7 +282,7 @@ class ExitRule(ABC):
             return None
         if isinstance(knob, numbers.Integral) or (isinstance(knob, float) and cls.integer_knob):
             return int(knob)
-        return round(float(knob), 6)
+        return round_knob(knob)
 
     @classmethod
     def knob_from_json(cls, value: Any) -> Any:
@@ -526,7 +564,7 @@ class PCEERule(ExitRule):
     @classmethod
     def knob_to_json(cls, knob: Any, model_key: Any = None) -> dict[str, Any]:
         t, s = knob
-        return {"t": int(t), "S": round(float(s), 6)}
+        return {"t": int(t), "S": round_knob(s)}
 
     @classmethod
     def knob_from_json(cls, value: Any) -> tuple[int, float]:
@@ -637,7 +675,7 @@ class ConsistentEERule(_UnitThresholdRule):
     @classmethod
     def knob_to_json(cls, knob: Any, model_key: Any = None) -> dict[str, Any]:
         """``{"beta": the policy model's beta, "threshold": ...}``."""
-        return {"beta": None if model_key is None else float(model_key), "threshold": round(float(knob), 6)}
+        return {"beta": None if model_key is None else float(model_key), "threshold": round_knob(knob)}
 
     @classmethod
     def knob_from_json(cls, value: Any) -> Any:

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from consistentee.exits.rules import exit_probability, exit_softmax
+
 
 @dataclass
 class ExitTables:
@@ -89,11 +91,11 @@ def collect_exit_tables(
             batch["token_type_ids"].to(device) if "token_type_ids" in batch else None,
             return_pooled=return_pooled,
         )
-        p = out.exit_logits.float().softmax(-1).cpu()
-        q = out.policy_logits.float().sigmoid().cpu()
+        p = exit_softmax(out.exit_logits).cpu()
+        q = exit_probability(out.policy_logits).cpu()
         if probs is None:
-            probs = torch.zeros(n, *p.shape[1:])
-            policy = torch.zeros(n, q.shape[1])
+            probs = torch.zeros(n, *p.shape[1:], dtype=p.dtype)
+            policy = torch.zeros(n, q.shape[1], dtype=q.dtype)
             if "labels" in batch:
                 labels = torch.full((n,), -1, dtype=torch.long)
             if return_pooled:

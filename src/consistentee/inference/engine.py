@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from consistentee.exits.rules import ExitRule, LayerSignals, select_state
+from consistentee.exits.rules import ExitRule, LayerSignals, exit_probability, exit_softmax, select_state
 from consistentee.model.backbone import EncoderState
 
 __all__ = ["AUTOCAST_DTYPES", "EarlyExitEngine", "EngineOutput", "LearnedScorer", "full_depth_logits"]
@@ -197,16 +197,16 @@ class EarlyExitEngine:
                 rows_per_layer.append(rows)
                 state, pooled = model.run_layer(index, state)
                 if layer == num_layers:  # forced exit for every row still running
-                    probs_out.index_copy_(0, active.to(device), self._probs(index, pooled))
+                    probs_out.index_copy_(0, active.to(device), self._probs(index, pooled).to(probs_out.dtype))
                     break
                 probs = self._probs(index, pooled) if "probs" in needs else None
                 signals = LayerSignals(
                     probs=probs if probs is not None else pooled.new_zeros((rows, 0)),
                     policy_prob=(
-                        model.policy_logits(index, pooled, path).float().sigmoid() if "policy_prob" in needs else None
+                        exit_probability(model.policy_logits(index, pooled, path)) if "policy_prob" in needs else None
                     ),
                     learned_score=(
-                        self.learned_heads.score(index, pooled).float() if "learned_score" in needs else None
+                        self.learned_heads.score(index, pooled) if "learned_score" in needs else None
                     ),
                     labels=labels if "labels" in needs else None,
                 )
@@ -229,7 +229,7 @@ class EarlyExitEngine:
                     if probs is not None
                     else self._probs(index, pooled.index_select(0, exited_dev))
                 )
-                probs_out.index_copy_(0, done.to(device), exit_probs)
+                probs_out.index_copy_(0, done.to(device), exit_probs.to(probs_out.dtype))
                 if exited.numel() == rows:
                     break
                 keep = torch.nonzero(~exit_host).squeeze(1)
@@ -254,7 +254,7 @@ class EarlyExitEngine:
         )
 
     def _probs(self, index: int, pooled: Tensor) -> Tensor:
-        return self.model.exit_logits(index, pooled).float().softmax(dim=-1)
+        return exit_softmax(self.model.exit_logits(index, pooled))
 
 
 def _trim_to(state: EncoderState, length: int) -> EncoderState:

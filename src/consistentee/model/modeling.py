@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from consistentee.exits.rules import ExitRule, LayerSignals, make_rule
+from consistentee.exits.rules import ExitRule, LayerSignals, exit_probability, exit_softmax, make_rule
 from consistentee.model.backbone import EncoderState, LayerwiseBackbone
 from consistentee.model.configuration import EarlyExitConfig
 from consistentee.model.constants import (
@@ -343,7 +343,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
                     path = self.advance_path(i, pooled, path)
         exit_logits = torch.stack(logits, dim=1)
         policy_logits = torch.stack(policies, dim=1) if policies else logits[0].new_zeros(len(logits[0]), 0)
-        policy_probs = policy_logits.float().sigmoid()
+        policy_probs = exit_probability(policy_logits)
         loss = None
         if labels is not None:
             labels = labels.to(exit_logits.device).long()
@@ -386,7 +386,7 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
         device = exit_logits.device
         exit_layer = torch.full((n,), num_layers, dtype=torch.long, device=device)
         with torch.no_grad():
-            probs = exit_logits.detach().float().softmax(-1)
+            probs = exit_softmax(exit_logits.detach())
             exited = torch.zeros(n, dtype=torch.bool, device=device)
             state = rule.init_state(n, device)
             for layer in range(1, num_layers):
