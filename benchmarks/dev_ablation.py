@@ -1,17 +1,19 @@
 """Compare training variants on the **dev** split, from their benchmark reports (the test split stays unlooked-at).
 
-    python benchmarks/dev_ablation.py NAME=REPORT_JSON [NAME=REPORT_JSON ...] [--rule consistentee] [--out FILE]
+    python benchmarks/dev_ablation.py NAME=REPORT_JSON[,REPORT_JSON...] [NAME=...] [--rule consistentee] [--out FILE]
 
 Each report's points carry their dev accuracy and dev layer speed-up; from them, per variant: the rule's dev AUC
 (mean attainable dev accuracy over the saved fraction 0 .. 1 - 1/L), the best dev speed-up within 0.5 and 1 point of
 the stage-1 model's dev full depth, and the ConsistentEE models' own full-depth dev accuracy against stage 1's
-(what stage 3 cost the deep exits). A change is kept when it helps here; test figures are read only afterwards.
+(what stage 3 cost the deep exits). Several reports per variant (one per training seed) give mean ± std.
+A change is kept when it helps here; test figures are read only afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,21 +36,45 @@ def dev_row(report: dict, rule: str) -> dict:
             "own_full_dev": [100 * f for f in own_full] if rule == "consistentee" else None}
 
 
+def _spread(values: list[float | None], fmt: str) -> str:
+    """One report: its value; several (seeds): mean ± sample std; "—" when any report has none."""
+    if not values or any(v is None for v in values):
+        return "—"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def variant_row(name: str, reports: list[dict], rule: str) -> str:
+    """The table row of one variant over its reports (one per training seed)."""
+    rows = [dev_row(report, rule) for report in reports]
+    cells = [_spread([r["dev_auc"] for r in rows], "{:.2f}"), _spread([r["best_05"] for r in rows], "{:.2f}x"),
+             _spread([r["best_1"] for r in rows], "{:.2f}x"), _spread([r["stage1_full_dev"] for r in rows], "{:.2f}%")]
+    changes = [own - r["stage1_full_dev"] for r in rows for own in (r["own_full_dev"] or [])]
+    if len(rows) == 1:
+        own = ", ".join(f"{f:.2f}%" for f in rows[0]["own_full_dev"]) if rows[0]["own_full_dev"] else "—"
+    else:
+        own = _spread([f for r in rows for f in (r["own_full_dev"] or [])], "{:.2f}%")
+    change = f"{statistics.fmean(changes):+.2f} (worst {min(changes):+.2f})" if changes else "—"
+    return f"| {name} | {' | '.join(cells)} | {own} | {change} | {len(rows)} |"
+
+
 def main(pairs: list[str], rule: str, out: str | None) -> int:
     lines = [f"Dev split, rule {rule}. AUC: mean attainable dev accuracy (%) over the saved fraction; best x: the "
-             "largest dev layer speed-up within the budget of stage 1's dev full depth.", "",
-             "| variant | dev AUC % | best x @0.5pt | best x @1pt | stage-1 full depth (dev) | own full depth (dev) |",
-             "| :--- | ---: | ---: | ---: | ---: | ---: |"]
+             "largest dev layer speed-up within the budget of stage 1's dev full depth. Several reports of a "
+             "variant (training seeds): mean ± sample std; the change of full depth is each ConsistentEE model's "
+             "own dev full depth minus its stage 1's, in points (mean, and the worst).", "",
+             "| variant | dev AUC % | best x @0.5pt | best x @1pt | stage-1 full depth (dev) | own full depth (dev) "
+             "| own − stage 1 (pt) | reports |",
+             "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for pair in pairs:
-        name, _, path = pair.partition("=")
-        if not path or not Path(path).is_file():
-            print(f"dev_ablation: error: want NAME=REPORT_JSON with an existing file, got {pair!r}", file=sys.stderr)
+        name, _, paths = pair.partition("=")
+        files = [Path(path) for path in paths.split(",")] if paths else []
+        if not files or not all(f.is_file() for f in files):
+            print(f"dev_ablation: error: want NAME=REPORT_JSON[,REPORT_JSON...] with existing files, got {pair!r}",
+                  file=sys.stderr)
             return 2
-        row = dev_row(read_json(path), rule)
-        own = ", ".join(f"{f:.2f}%" for f in row["own_full_dev"]) if row["own_full_dev"] else "—"
-        best = [f"{x:.2f}x" if x is not None else "—" for x in (row["best_05"], row["best_1"])]
-        lines.append(f"| {name} | {row['dev_auc']:.2f} | {best[0]} | {best[1]} | {row['stage1_full_dev']:.2f}% | "
-                     f"{own} |")
+        lines.append(variant_row(name, [read_json(f) for f in files], rule))
     text = "\n".join(lines) + "\n"
     print(text)
     if out:
@@ -58,7 +84,7 @@ def main(pairs: list[str], rule: str, out: str | None) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("pairs", nargs="+", metavar="NAME=REPORT_JSON")
+    parser.add_argument("pairs", nargs="+", metavar="NAME=REPORT_JSON[,REPORT_JSON...]")
     parser.add_argument("--rule", default="consistentee")
     parser.add_argument("--out", help="markdown file to write the table to")
     args = parser.parse_args()

@@ -46,3 +46,18 @@ def test_the_table_has_one_row_per_variant(tmp_path):
     assert dev_ablation.main([f"a={tmp_path / 'a.json'}", f"b={tmp_path / 'b.json'}"], "consistentee", str(out)) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| a |") or line.startswith("| b |")]
     assert rows[0].split("|")[4].strip() == "2.00x" and rows[1].split("|")[4].strip() == "1.00x"
+
+
+def test_several_seeds_give_mean_and_spread_and_the_worst_full_depth_change(tmp_path):
+    paths = []
+    for seed, (acc, own) in enumerate(((0.89, 0.90), (0.85, 0.88))):
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps(_report([(1.0, 0.90), (2.0, acc)], own_full=own)))
+        paths.append(str(path))
+    out = tmp_path / "table.md"
+    assert dev_ablation.main([f"v={','.join(paths)}"], "consistentee", str(out)) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| v |")).split("|")
+    assert row[4].strip() == "1.50x ± 0.71x"  # best x @1pt: 2.00x on seed 0, 1.00x on seed 1
+    assert row[7].strip() == "-1.00 (worst -2.00)"  # own full depth 90% and 88% against 90%
+    assert row[8].strip() == "2"
+    assert dev_ablation.main([f"v={paths[0]},{tmp_path / 'missing.json'}"], "consistentee", None) == 2
