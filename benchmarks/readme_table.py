@@ -41,8 +41,9 @@ def _acc(entry: dict | None, full: float) -> str:
 
 
 def _name(report: dict) -> str:
-    """The dataset, with the model when it is not the default (trec6-mpnet), as in the combined summary."""
-    return seeds.dataset_key(report["dataset"], report.get("model"))
+    """The dataset, with the model and stage 3's scope when not the defaults (trec6-mpnet), as in the combined
+    summary."""
+    return seeds.dataset_key(report["dataset"], report.get("model"), seeds.joint_scope(report))
 
 
 def rows(report: dict) -> list[str]:

@@ -310,6 +310,7 @@ def summarize(runs: list[Run], *, level: float = 0.95, command: str | None = Non
         "datasets": list(dict.fromkeys(str(run.report.get("dataset")) for run in runs)),
         "dataset_per_seed": {run.label: str(run.report.get("dataset")) for run in runs},
         "model": first.get("model"),
+        "joint_scope": joint_scope(first),
         "split_sizes": first.get("split_sizes") if all(run.report.get("split_sizes") == first.get("split_sizes")
                                                        for run in runs) else None,  # None: they differ
         "data_seeds": sorted({s for run in runs
@@ -417,8 +418,8 @@ def render_markdown(summary: dict) -> str:
         "split sizes differ between the reports"
     out = [f"# Results over seeds: {datasets}", ""]
     out.append(f"{n} run(s) of `consistentee benchmark` (seeds {', '.join(summary['seeds'])}) on {datasets} with "
-               f"{summary.get('model')}; {sizes}. "
-               "Each seed sets every training seed (stage 1, learned heads, ConsistentEE policies); the data splits "
+               f"{summary.get('model')}; {sizes}; stage 3 trained `{summary.get('joint_scope') or 'not recorded'}` "
+               "(`--joint-scope`). Each seed sets every training seed (stage 1, learned heads, ConsistentEE policies); the data splits "
                f"stay fixed (data seed {', '.join(map(str, summary['data_seeds'])) or '?'}), so the spread below is "
                "the spread over training seeds on one test set.")
     out.append("")
@@ -675,11 +676,20 @@ def lead(rules: dict[str, dict], key: str) -> dict:
     return {"leads": gap >= 0, "leader": CHALLENGER if gap >= 0 else other, "other_rule": other, "gap": gap}
 
 
-def dataset_key(dataset: str, model: str | None) -> str:
-    """A dataset's name in the combined summary: with the model's when it is not the default (trec6-mpnet)."""
-    if model in (None, DEFAULT_MODEL):
-        return dataset
-    return f"{dataset}-{Path(str(model).rstrip('/')).name}"
+#: Stage 3's default scope (the paper's); a summary of another scope is named with it in the combined summary.
+DEFAULT_JOINT_SCOPE = "all"
+
+
+def joint_scope(report: dict) -> str | None:
+    """What stage 3 trained for the report's ConsistentEE models (None: an older report that did not say)."""
+    return ((report.get("settings") or {}).get("policy") or {}).get("joint_scope")
+
+
+def dataset_key(dataset: str, model: str | None, scope: str | None = None) -> str:
+    """A dataset's name in the combined summary: with the model's when it is not the default (trec6-mpnet), and
+    with stage 3's scope when it is not the paper's (trec6-joint-exits), so variants sit side by side."""
+    name = dataset if model in (None, DEFAULT_MODEL) else f"{dataset}-{Path(str(model).rstrip('/')).name}"
+    return name if scope in (None, DEFAULT_JOINT_SCOPE) else f"{name}-joint-{scope}"
 
 
 def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict:
@@ -687,13 +697,14 @@ def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict
     sources: dict[str, Path] = {}
     for path in paths:
         name, summary = load_seeds_summary(path)
-        name = dataset_key(name, summary.get("model"))
+        name = dataset_key(name, summary.get("model"), summary.get("joint_scope"))
         if name in datasets:
             raise SeedsError(f"{sources[name]} and {path} both summarise dataset {name}: give one summary a dataset")
         sources[name] = path
         settings = {setting: {"rules": combined_rules(summary, setting)} for setting in COMBINED_SETTINGS}
         datasets[name] = {
             "seeds": summary["seeds"], "source": _shown(path), "model": summary.get("model"),
+            "joint_scope": summary.get("joint_scope"),
             "level": summary.get("level"), "settings": settings,
             "lead": {setting: {key: lead(settings[setting]["rules"], key) for key, _, _ in LEAD_METRICS}
                      for setting in COMBINED_SETTINGS},
@@ -743,8 +754,9 @@ def render_combined_markdown(combined: dict) -> str:
                "the same figure in both settings).")
     for name, entry in datasets.items():
         n = len(entry["seeds"])
+        scope = entry.get("joint_scope")
         out += ["", f"## {name}", "", f"{entry.get('model')}, {n} seed(s) ({', '.join(entry['seeds'])}), from "
-                f"`{entry['source']}`." + (" **1 seed: no spread.**" if n == 1 else "")]
+                f"`{entry['source']}`." + (f" Stage 3 trained `{scope}` (`--joint-scope`)." if scope else "") + (" **1 seed: no spread.**" if n == 1 else "")]
         for setting in COMBINED_SETTINGS:
             out += ["", f"### {SETTINGS[setting]}", "", f"| rule | {COMBINED_HEADER}", f"| :--- | {COMBINED_ALIGN}"]
             out += [f"| {rule} | " + " | ".join(combined_cells(row)) + " |"
@@ -815,12 +827,10 @@ def combine(out_dir: Path, summaries: Sequence[str] | None = None, *, command: s
 
 
 def this_command(argv: Sequence[str]) -> str:
-    script = Path(__file__).resolve()
-    try:
-        script = script.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join(["python", str(script), *argv])
+    """The command as run from the repository root, where the run and out directories it names live (a copy of
+    the script run from elsewhere, e.g. a snapshot that keeps a long run apart from edits, is named as the
+    repository's)."""
+    return shlex.join(["python", f"benchmarks/{Path(__file__).name}", *argv])
 
 
 def aggregate(out_dir: Path, reports: Sequence[str] | None = None, *, level: float = 0.95,

@@ -116,6 +116,22 @@ def test_combine_names_another_models_dataset_after_the_model(tmp_path, two_data
     assert combined["datasets"]["toy-mpnet"]["settings"]["standard"]["rules"]["entropy"]["n_seeds"] == 1
 
 
+def test_combine_names_another_stage3_scope_after_it(tmp_path, two_datasets):
+    toy, _ = two_datasets
+    folder = tmp_path / "results" / "toy-exits-seeds"
+    reports = {seed: fakes.make_report(seed, ONE_SEED["speed"], ONE_SEED["auc"]) for seed in (0, 1)}
+    for report in reports.values():
+        report["settings"]["policy"] = {"joint_scope": "exits"}
+    runs = [seeds.Run(str(seed), seed, folder / f"seed-{seed}" / "report.json", r) for seed, r in reports.items()]
+    folder.mkdir(parents=True)
+    seeds.write_json(folder / "summary.json", seeds.summarize(runs))
+    combined = _combine(tmp_path, toy, folder)
+    assert list(combined["datasets"]) == ["toy", "toy-joint-exits"]  # an ablation beside its dataset, not a clash
+    assert combined["datasets"]["toy-joint-exits"]["joint_scope"] == "exits"
+    assert combined["datasets"]["toy"]["joint_scope"] is None  # the fake reports predate the setting
+    assert "Stage 3 trained `exits`" in (tmp_path / "combined" / "summary.md").read_text()
+
+
 def test_combine_lead_table_says_no_when_another_rule_is_ahead(tmp_path, two_datasets):
     combined = _combine(tmp_path, *two_datasets)
     toy, tiny = combined["datasets"]["toy"]["lead"], combined["datasets"]["tiny"]["lead"]

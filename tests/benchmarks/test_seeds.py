@@ -336,3 +336,15 @@ def test_settings_that_differ_are_named_and_a_setting_one_report_lacks_says_so(t
     [warning] = seeds.settings_warnings(runs)
     assert "policy.beta: 0.05 vs 0.1" in warning
     assert "policy.joint_scope: not recorded (an older version) vs 'all'" in warning
+
+
+def test_recorded_command_names_the_repositorys_script_even_when_a_copy_ran(tmp_path, monkeypatch):
+    copy = tmp_path / "snapshot" / "benchmarks" / "seeds.py"  # a long run kept apart from edits of the checkout
+    copy.parent.mkdir(parents=True)
+    copy.write_text(SCRIPT.read_text())
+    spec = importlib.util.spec_from_file_location("benchmark_seeds_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)
+    assert module.this_command(["aggregate", "--out-dir", "a b"]) == "python benchmarks/seeds.py aggregate --out-dir 'a b'"
