@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -82,6 +83,24 @@ def test_expected_ce_weights_each_exit_by_its_detached_probability(tiny_encoder_
     assert ro.expected_ce.requires_grad
 
 
+def test_every_exit_rollout_gives_each_exits_outcome_and_a_differentiable_exit_distribution(tiny_encoder_dir):
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, ["a", "b"], pooling="mean").eval()
+    for policy in model.policies:
+        policy.net[-1].bias.data.fill_(2.0)  # most sampled exits at layer 1: every row still runs to full depth
+    batch = _batch(tiny_encoder_dir, TEXTS, [0, 1, 0, 1, 1])
+    ro = rollout(model, batch, train_backbone=False, every_exit=True, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    p = full.policy_logits.sigmoid()
+    dist = torch.stack([p[:, 0], (1 - p[:, 0]) * p[:, 1], (1 - p[:, 0]) * (1 - p[:, 1])], dim=1)
+    assert torch.allclose(ro.exit_probs, dist, atol=1e-5) and ro.exit_probs.requires_grad
+    assert torch.equal(ro.layer_correct, full.exit_logits.argmax(-1) == batch["labels"].unsqueeze(1))
+    log_q = full.exit_logits.log_softmax(-1).gather(2, batch["labels"].view(5, 1, 1).expand(5, 3, 1)).squeeze(2)
+    assert torch.allclose(ro.layer_log_q, log_q, atol=1e-5)
+    taken = ro.layer_correct.gather(1, (ro.exit_layer - 1).unsqueeze(1)).squeeze(1)
+    assert torch.equal(ro.correct, taken)  # the sampled trajectory is still reported (logs, rewards)
+
+
 def test_invalid_policy_settings_are_refused():
     with pytest.raises(ValueError, match="beta"):
         PolicyConfig(beta=-0.1)
@@ -89,6 +108,8 @@ def test_invalid_policy_settings_are_refused():
         PolicyConfig(rollouts=0)
     with pytest.raises(ValueError, match="reward"):
         PolicyConfig(reward="speed")
+    with pytest.raises(ValueError, match="policy_loss"):
+        PolicyConfig(policy_loss="exact")
 
 
 # --- learning: easy inputs leave early, hard ones go deep --------------------------------------------------
@@ -151,26 +172,39 @@ def test_the_hand_built_run_has_the_intended_hardness(hardness_run):
     assert {m for i, m in table.items() if i.startswith("h")} == {3}
 
 
-def test_stage2_learns_to_exit_easy_inputs_early_and_hard_ones_late(hardness_run):
-    # The exits of this run are equally confident on every input: only the state tells easy from hard, and the
-    # log-probability reward with per-group scaling is the docs/method.md form of hardness guidance.
-    cfg = PolicyConfig(beta=0.5, rollouts=8, policy_epochs=12, joint_epochs=0, policy_batch_size=16,
-                       policy_learning_rate=1e-2, policy_features="state", reward_quality="log_prob",
-                       advantage_norm="group_std", seed=0)
-    model_dir = train_policy(hardness_run, cfg, device="cpu", progress=False, log=lambda *_: None)
-    easy, hard = _mean_exit_by_kind(model_dir, hardness_run)
+#: Stage 2 alone on the hand-built run: the state tells easy from hard, and the log-probability reward with
+#: per-group scaling is the docs/method.md form of hardness guidance.
+HARDNESS_POLICY = dict(beta=0.5, policy_epochs=12, joint_epochs=0, policy_batch_size=16, policy_learning_rate=1e-2,
+                       policy_features="state", reward_quality="log_prob", advantage_norm="group_std", seed=0)
+
+
+def _assert_learns_hardness(run_dir, cfg: PolicyConfig):
+    """Easy inputs leave at layer 1, hard ones go to the last layer, and no depth cost keeps easy inputs deeper."""
+    model_dir = train_policy(run_dir, cfg, device="cpu", progress=False, log=lambda *_: None)
+    easy, hard = _mean_exit_by_kind(model_dir, run_dir)
     assert easy < 1.3 and hard > 2.7, (easy, hard)
-
-    flat = train_policy(hardness_run, PolicyConfig(**{**cfg.__dict__, "beta": 0.0}), device="cpu", progress=False,
+    flat = train_policy(run_dir, PolicyConfig(**{**cfg.__dict__, "beta": 0.0}), device="cpu", progress=False,
                         log=lambda *_: None)
-    easy0, hard0 = _mean_exit_by_kind(flat, hardness_run)
+    easy0, hard0 = _mean_exit_by_kind(flat, run_dir)
     assert hard0 > 2.7 and easy0 > easy + 0.4, (easy0, easy)
+    return model_dir
 
+
+def test_stage2_learns_to_exit_easy_inputs_early_and_hard_ones_late(hardness_run):
+    # The exits of this run are equally confident on every input: only the state tells easy from hard.
+    model_dir = _assert_learns_hardness(hardness_run, PolicyConfig(rollouts=8, **HARDNESS_POLICY))
     progress = json.loads((model_dir.parent / "progress.json").read_text())
     assert progress["complete"] and progress["completed"] == ["r1-policy"]
     log = (model_dir.parent / "log.csv").read_text().splitlines()
     assert log[0].startswith("unit,epoch,step,loss,reward,mean_exit_layer,exit_histogram")
     assert len(log) - 1 == 12 * 4  # 64 training rows / 16 per step x 12 epochs
+
+
+def test_the_expected_reward_loss_learns_hardness_too(hardness_run, tmp_path):
+    # The exact expected reward over all exits instead of sampled exits (two rollouts: dropout only).
+    run = tmp_path / "run"  # its own copy: the betas above are trained in the shared run with other settings
+    shutil.copytree(hardness_run, run, ignore=shutil.ignore_patterns("policies"))
+    _assert_learns_hardness(run, PolicyConfig(rollouts=2, policy_loss="expected", **HARDNESS_POLICY))
 
 
 def test_joint_rounds_and_sweep_write_one_model_per_beta(hardness_run):

@@ -18,6 +18,7 @@ from consistentee.training.rl import (
     decisions_reached,
     exit_distribution,
     expected_exit_ce,
+    expected_reward_loss,
     group_baseline_advantage,
     hardness_guided_reward,
     log_exit_distribution,
@@ -445,3 +446,28 @@ def test_batch_std_normalisation_keeps_the_ratio_between_groups():
     assert torch.isclose(batch_rms(values, weight), torch.tensor(12.5).sqrt())
     doubled = batch_rms(values, weight, total=lambda sums: sums + torch.tensor([0.0, 2.0]))  # 2 more zero rows
     assert torch.isclose(doubled, torch.tensor(25.0 / 4).sqrt())
+
+
+def test_expected_reward_loss_is_the_objective_the_policy_gradient_estimates():
+    # Three rows, four layers: the exact gradient of -E[R] equals the mean policy-gradient estimate over many
+    # sampled exits (REINFORCE with the reward of the exit taken), up to Monte-Carlo noise.
+    p = _rand_p(3, 4, seed=5).requires_grad_(True)
+    reward = torch.tensor([[1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 1.0, 0.9], [0.3, 0.3, 0.3, 1.0]], dtype=torch.float64)
+    expected_reward_loss(exit_distribution(p), reward).sum().backward()
+    exact = p.grad.clone()
+    assert torch.allclose(expected_reward_loss(exit_distribution(p), reward),
+                          -(exit_distribution(p) * reward).sum(1))
+
+    n = 200_000
+    q = p.detach().repeat_interleave(n, 0).requires_grad_(True)
+    e = sample_exit_layers(q.detach(), generator=torch.Generator().manual_seed(0))
+    r = reward.repeat_interleave(n, 0).gather(1, (e - 1).unsqueeze(1)).squeeze(1)
+    (-(r * trajectory_log_prob(q, e)).sum() / n).backward()
+    estimate = q.grad.view(3, n, 3).sum(1)
+    assert torch.allclose(estimate, exact, atol=0.02), (estimate, exact)
+    assert exact.abs().max() > 0.1  # not trivially zero
+
+
+def test_expected_reward_loss_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="both be"):
+        expected_reward_loss(torch.ones(2, 3), torch.ones(2, 4))

@@ -53,6 +53,7 @@ from consistentee.training.rl import (
     REWARD_QUALITIES,
     REWARDS,
     EpsilonSchedule,
+    expected_reward_loss,
     group_baseline_advantage,
     make_reward,
     reward_quality,
@@ -80,6 +81,7 @@ from consistentee.utils.io import read_json, write_json, write_text
 from consistentee.utils.runtime import default_mixed_precision, resolve_device, set_seed
 
 JOINT_LOSSES = ("sampled", "expected")
+POLICY_LOSSES = ("sampled", "expected")
 JOINT_SCOPES = ("all", "exits")
 LOG_FIELDS = ["unit", "epoch", "step", "loss", "reward", "mean_exit_layer", "exit_histogram", "accuracy_at_exit",
               "policy_entropy", "epsilon"]
@@ -109,6 +111,11 @@ class PolicyConfig:
         "help": "what the policies read: state (the pooled layer state), state+confidence (also max probability, "
                 "entropy and top-2 margin of that layer's exit classifier), or confidence (those three alone)",
         "choices": POLICY_FEATURES})
+    policy_loss: str = field(default="sampled", metadata={"advanced": True,
+        "help": "policy objective: sampled (the policy gradient over the K sampled exits: the paper's) or expected "
+                "(every rollout runs to full depth and the policies get the exact gradient of the expected reward "
+                "over all exits, sum_l P(exit at l) R_l: the same objective without sampling noise)",
+        "choices": POLICY_LOSSES})
     rollouts: int = field(default=8, metadata={"help": "K: rollouts per example (fresh dropout and actions)"})
     rounds: int = field(default=1, metadata={"help": "alternations of stage 2 and stage 3"})
     policy_epochs: int = field(default=3, metadata={"help": "stage-2 (policy only) epochs per round"})
@@ -159,6 +166,8 @@ class PolicyConfig:
             raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
         if self.joint_scope not in JOINT_SCOPES:
             raise ValueError(f"joint_scope must be one of {', '.join(JOINT_SCOPES)}, got {self.joint_scope!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {', '.join(POLICY_LOSSES)}, got {self.policy_loss!r}")
         if self.joint_loss not in JOINT_LOSSES:
             raise ValueError(f"joint_loss must be one of {', '.join(JOINT_LOSSES)}, got {self.joint_loss!r}")
         if self.policy_features not in POLICY_FEATURES:
@@ -420,12 +429,17 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
             with accelerator.autocast():
                 ro = rollout(model, batch, train_backbone=joint and cfg.joint_scope == "all", train_exits=joint,
                              epsilon=eps, noise=noise,
-                             expected_ce=joint and cfg.joint_loss == "expected")
+                             expected_ce=joint and cfg.joint_loss == "expected",
+                             every_exit=cfg.policy_loss == "expected")
             quality = reward_quality(cfg.reward_quality, ro.log_q_exit, ro.correct)
             reward = reward_fn(quality, ro.exit_layer, weights[batch["index"]], num_layers)
-            total = (lambda x: process_sum(accelerator, x)) if world > 1 else None
-            advantage = group_baseline_advantage(reward, k, cfg.advantage_norm, weight=row_weight, total=total)
-            loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
+            if cfg.policy_loss == "expected":
+                loss = (expected_reward_loss(ro.exit_probs, _reward_per_exit(ro, weights[batch["index"]], reward_fn,
+                                                                             cfg, num_layers)) * row_weight).sum()
+            else:
+                total = (lambda x: process_sum(accelerator, x)) if world > 1 else None
+                advantage = group_baseline_advantage(reward, k, cfg.advantage_norm, weight=row_weight, total=total)
+                loss = -(advantage.detach().to(ro.log_prob.dtype) * ro.log_prob * row_weight).sum()
             if joint:
                 ce = ro.expected_ce if ro.expected_ce is not None else -ro.log_q_exit
                 loss = loss + (ce * row_weight).sum()
@@ -465,6 +479,20 @@ def _train_unit(model, unit, unit_index, epochs, train_set, collate, weights, re
     for p in model.parameters():
         p.requires_grad_(True)
     return log_rows
+
+
+def _reward_per_exit(ro, weight: torch.Tensor, reward_fn, cfg: PolicyConfig, num_layers: int) -> torch.Tensor:
+    """[R, L]: the reward each row would get at each exit (the reward of the exit taken, for every exit).
+
+    ``group_std`` divides each row's rewards by their spread over the exits (hard rows, whose shallow exits are
+    wrong by several nats, would otherwise drown the easy rows' depth cost); the batch-wide scales leave them as
+    they are (a common factor, which Adam's step does not see)."""
+    quality = reward_quality(cfg.reward_quality, ro.layer_log_q, ro.layer_correct)
+    layers = torch.arange(1, num_layers + 1, device=quality.device).expand_as(quality)
+    reward = reward_fn(quality, layers, weight.unsqueeze(1).expand_as(quality), num_layers)
+    if cfg.advantage_norm == "group_std":  # each row's rewards on one scale, as group_std does for sampled exits
+        reward = reward / reward.std(dim=1, keepdim=True).clamp_min(1e-2)
+    return reward
 
 
 def _anchor_loss(model, batch: dict[str, torch.Tensor], weights: list[float], accelerator: Accelerator) -> torch.Tensor:

@@ -42,6 +42,7 @@ __all__ = [
     "depth_cost_reward",
     "exit_distribution",
     "expected_exit_ce",
+    "expected_reward_loss",
     "group_baseline_advantage",
     "hardness_guided_reward",
     "log_exit_distribution",
@@ -463,6 +464,19 @@ def expected_exit_ce(exit_probs: Tensor, ce_per_exit: Tensor) -> Tensor:
             f"exit_probs and ce_per_exit must both be [N, L], got {tuple(exit_probs.shape)} and {tuple(ce_per_exit.shape)}"
         )
     return (exit_probs.detach().to(ce_per_exit.dtype) * ce_per_exit).sum(dim=1).mean()
+
+
+def expected_reward_loss(exit_probs: Tensor, reward_per_exit: Tensor) -> Tensor:
+    """Per row, -E[R] = -sum_l P(exit at l) * R_l, differentiable in the exit distribution (the policies).
+
+    When every exit's reward is known (each row run to full depth), this is the exact objective whose gradient
+    the policy-gradient term estimates from sampled exits, without the sampling noise; ``reward_per_exit`` is
+    detached.
+    """
+    if exit_probs.shape != reward_per_exit.shape or exit_probs.dim() != 2:
+        raise ValueError(f"exit_probs and reward_per_exit must both be [N, L], got {tuple(exit_probs.shape)} and "
+                         f"{tuple(reward_per_exit.shape)}")
+    return -(exit_probs * reward_per_exit.detach().to(exit_probs.dtype)).sum(dim=1)
 
 
 def policy_entropy(p: Tensor, reached_mask: Tensor, eps: float = DEFAULT_EPS) -> Tensor:

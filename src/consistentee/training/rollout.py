@@ -34,6 +34,11 @@ class Rollout:
     decisions: torch.Tensor
     #: Low-variance stage-3 option: sum_l P(exit at l) * CE_l per row (full depth for every row), else None.
     expected_ce: torch.Tensor | None = None
+    #: With ``every_exit``: [R, L] P(exit at l) (graph to the policies), and each exit's correctness and
+    #: log q_l(y|x) (detached): what the expected-reward policy loss needs. None otherwise.
+    exit_probs: torch.Tensor | None = None
+    layer_correct: torch.Tensor | None = None
+    layer_log_q: torch.Tensor | None = None
 
 
 def repeat_batch(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -86,6 +91,7 @@ def rollout(
     generator: torch.Generator | None = None,
     epsilon: float = 0.0,
     expected_ce: bool = False,
+    every_exit: bool = False,
     trim: bool = True,
     noise: ActionNoise | None = None,
 ) -> Rollout:
@@ -94,7 +100,8 @@ def rollout(
     With ``train_backbone=False`` (stage 2) the backbone and classifiers run without a graph and only the
     policies get gradients; ``train_exits`` (default: ``train_backbone``) gives the classifiers a graph on their
     own, over the backbone's detached states. ``expected_ce=True`` keeps every row to full depth (the expected-CE
-    loss needs every exit's CE), so nothing is gathered out in that mode. ``noise`` (one row per batch row) replaces
+    loss needs every exit's CE), so nothing is gathered out in that mode; so does ``every_exit=True``, which also
+    returns every exit's outcome and the exit distribution (the expected-reward policy loss). ``noise`` (one row per batch row) replaces
     drawing from ``generator`` layer by layer.
     """
     labels = batch["labels"]
@@ -112,7 +119,8 @@ def rollout(
     lp_rows, lp_terms, q_rows, q_terms, correct_rows, correct_vals = [], [], [], [], [], []
     entropy_sum = torch.zeros(rows, device=device)
     decisions = torch.zeros(rows, device=device)
-    policy_probs, layer_ce = [], []
+    policy_probs, layer_ce, layer_correct, layer_log_q = [], [], [], []
+    dense = expected_ce or every_exit  # every row runs to full depth
     path = None  # what "path" policies read of the exits already passed
 
     for i in range(num_layers):
@@ -130,7 +138,7 @@ def rollout(
                 exits = noise.actions(i, active, p, epsilon)
             else:
                 exits = sample_exit_actions(p.detach(), generator=generator, epsilon=epsilon)
-            if expected_ce:
+            if dense:
                 exits = exits & done.index_select(0, active).logical_not()
                 policy_probs.append(p)
             # Only rows still on their trajectory contribute a decision at this layer.
@@ -140,10 +148,13 @@ def rollout(
             ent = -(p * p.log() + (1 - p) * (1 - p).log()).detach()
             entropy_sum.index_add_(0, active[live], ent[live])
             decisions.index_add_(0, active[live], torch.ones_like(ent[live]))
-        if expected_ce:
+        if dense:
             with exit_ctx():
-                ce_all = F.cross_entropy(model.exit_logits(i, pooled).float(), y, reduction="none")
+                logits_all = model.exit_logits(i, pooled).float()
+            ce_all = F.cross_entropy(logits_all, y, reduction="none")
             layer_ce.append(ce_all)
+            layer_correct.append(logits_all.detach().argmax(-1) == y)
+            layer_log_q.append(-ce_all.detach())
         newly = exits & ~done.index_select(0, active)
         if newly.any():
             with exit_ctx():
@@ -156,7 +167,7 @@ def rollout(
             correct_vals.append(logits.argmax(-1) == y[newly])
             exit_layer[exited_rows] = i + 1
             done[exited_rows] = True
-        if last or expected_ce:
+        if last or dense:
             continue
         keep = ~exits
         if not keep.any():
@@ -173,8 +184,13 @@ def rollout(
     log_q_exit = torch.zeros(rows, device=device).index_add(0, torch.cat(q_rows), torch.cat(q_terms))
     correct = torch.zeros(rows, dtype=torch.bool, device=device)
     correct[torch.cat(correct_rows)] = torch.cat(correct_vals)
-    expected = None
+    expected = dist = None
+    if dense:
+        dist = exit_distribution(torch.stack(policy_probs, dim=1)) if policy_probs \
+            else torch.ones(rows, 1, device=device)
     if expected_ce:
-        dist = exit_distribution(torch.stack(policy_probs, dim=1)).detach()
-        expected = (dist * torch.stack(layer_ce, dim=1)).sum(1)
-    return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected)
+        expected = (dist.detach() * torch.stack(layer_ce, dim=1)).sum(1)
+    if not every_exit:
+        return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected)
+    return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected, dist,
+                   torch.stack(layer_correct, dim=1), torch.stack(layer_log_q, dim=1))
