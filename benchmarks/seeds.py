@@ -572,7 +572,9 @@ def plot_summary(summary: dict, path: Path) -> Path:
         _finish_axes(ax, x, rules, ylabel, bottom=max(0.0, math.floor(min(lows) - 2)) if metric == "auc" and lows
                      else 1.0, oracle=oracle["mean"] if metric != "auc" and oracle else None)
     n = len(summary["seeds"])
-    fig.suptitle(f"{', '.join(summary['datasets'])}: mean over {n} seed(s)"
+    scope = summary.get("joint_scope")
+    scope = f" (stage 3: --joint-scope {scope})" if scope not in (None, DEFAULT_JOINT_SCOPE) else ""
+    fig.suptitle(f"{', '.join(summary['datasets'])}{scope}: mean over {n} seed(s)"
                  + (", error bars ±1 std, dots = seeds" if n > 1 else " (one seed: no spread)"), fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -790,7 +792,8 @@ def plot_combined(combined: dict, path: Path) -> Path:
     panels = {name: list(dict.fromkeys(r for s in COMBINED_SETTINGS for r, row in entry["settings"][s]["rules"].items()
                                       if r != ORACLE and row["best_speedup_1pt_mean"] is not None))
               for name, entry in datasets.items()}
-    fig = Figure(figsize=(max(6.4, 1.1 * max(map(len, panels.values()), default=1) + 2), 0.4 + 3.0 * len(panels)))
+    height = 0.4 + 3.0 * len(panels)
+    fig = Figure(figsize=(max(6.4, 1.1 * max(map(len, panels.values()), default=1) + 2), height))
     for row, (name, rules) in enumerate(panels.items()):
         ax = fig.add_subplot(len(panels), 1, row + 1)
         x = np.arange(len(rules))
@@ -806,7 +809,7 @@ def plot_combined(combined: dict, path: Path) -> Path:
         ax.set_title(f"{name}: mean over {n} seed(s)" + (", error bars ±1 std" if n > 1 else " (1 seed: no spread)"),
                      fontsize=9)
     fig.suptitle("Best layer speed-up within 1 point of full depth (test curve)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))  # the top 0.4 inch is the suptitle's, not the first panel's
     return save_figure(fig, path)
 
 
