@@ -419,7 +419,8 @@ def render_markdown(summary: dict) -> str:
     out = [f"# Results over seeds: {datasets}", ""]
     out.append(f"{n} run(s) of `consistentee benchmark` (seeds {', '.join(summary['seeds'])}) on {datasets} with "
                f"{summary.get('model')}; {sizes}; stage 3 trained `{summary.get('joint_scope') or 'not recorded'}` "
-               "(`--joint-scope`). Each seed sets every training seed (stage 1, learned heads, ConsistentEE policies); the data splits "
+               "(`--joint-scope`). Each seed sets every training seed (stage 1, learned heads, ConsistentEE "
+               "policies); the data splits "
                f"stay fixed (data seed {', '.join(map(str, summary['data_seeds'])) or '?'}), so the spread below is "
                "the spread over training seeds on one test set.")
     out.append("")
@@ -758,7 +759,8 @@ def render_combined_markdown(combined: dict) -> str:
         n = len(entry["seeds"])
         scope = entry.get("joint_scope")
         out += ["", f"## {name}", "", f"{entry.get('model')}, {n} seed(s) ({', '.join(entry['seeds'])}), from "
-                f"`{entry['source']}`." + (f" Stage 3 trained `{scope}` (`--joint-scope`)." if scope else "") + (" **1 seed: no spread.**" if n == 1 else "")]
+                f"`{entry['source']}`." + (f" Stage 3 trained `{scope}` (`--joint-scope`)." if scope else "")
+                + (" **1 seed: no spread.**" if n == 1 else "")]
         for setting in COMBINED_SETTINGS:
             out += ["", f"### {SETTINGS[setting]}", "", f"| rule | {COMBINED_HEADER}", f"| :--- | {COMBINED_ALIGN}"]
             out += [f"| {rule} | " + " | ".join(combined_cells(row)) + " |"

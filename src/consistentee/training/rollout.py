@@ -101,8 +101,8 @@ def rollout(
     policies get gradients; ``train_exits`` (default: ``train_backbone``) gives the classifiers a graph on their
     own, over the backbone's detached states. ``expected_ce=True`` keeps every row to full depth (the expected-CE
     loss needs every exit's CE), so nothing is gathered out in that mode; so does ``every_exit=True``, which also
-    returns every exit's outcome and the exit distribution (the expected-reward policy loss). ``noise`` (one row per batch row) replaces
-    drawing from ``generator`` layer by layer.
+    returns every exit's outcome and the exit distribution (the expected-reward policy loss). ``noise`` (one row per
+    batch row) replaces drawing from ``generator`` layer by layer.
     """
     labels = batch["labels"]
     rows = labels.shape[0]
@@ -157,8 +157,11 @@ def rollout(
             layer_log_q.append(-ce_all.detach())
         newly = exits & ~done.index_select(0, active)
         if newly.any():
-            with exit_ctx():
-                logits = model.exit_logits(i, pooled[newly]).float()
+            if dense:  # every row's exit logits are already there
+                logits = logits_all[newly]
+            else:
+                with exit_ctx():
+                    logits = model.exit_logits(i, pooled[newly]).float()
             log_q = logits.log_softmax(-1).gather(1, y[newly].unsqueeze(1)).squeeze(1)
             exited_rows = active[newly]
             q_rows.append(exited_rows)
@@ -190,7 +193,6 @@ def rollout(
             else torch.ones(rows, 1, device=device)
     if expected_ce:
         expected = (dist.detach() * torch.stack(layer_ce, dim=1)).sum(1)
-    if not every_exit:
-        return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected)
-    return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected, dist,
-                   torch.stack(layer_correct, dim=1), torch.stack(layer_log_q, dim=1))
+    outcomes = (dist, torch.stack(layer_correct, dim=1), torch.stack(layer_log_q, dim=1)) if every_exit \
+        else (None, None, None)
+    return Rollout(log_prob, exit_layer, log_q_exit, correct, entropy_sum, decisions, expected, *outcomes)
