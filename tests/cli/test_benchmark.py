@@ -126,6 +126,8 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     study = report["calibration"]["budgets"]
     assert set(study) >= {"0.5", "1.0"} and set(study["1.0"]) == set(recipe.ALL_RULES)
     assert all(0.0 <= e["violation_rate"] <= 1.0 for e in study["1.0"].values())
+    assert report["calibration"]["order"] == "train"  # two betas and PCEE's patiences: one chain per rule
+    assert report["settings"]["bench"]["order_examples"] == 2000
     assert set(report["same_weights"]) == {"0.01", "0.05"}
     for beta, model in report["consistentee_models"].items():  # one entry per policy, layers 1..L-1
         assert [r["layer"] for r in model["policy_sensitivity"]] == [1, 2], beta
@@ -141,12 +143,13 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
                                                 run_dir / "memorized_layers.json",
                                                 run_dir / "learned_heads" / "model.safetensors")}
     args = _parser().parse_args([*common, "--rules", "entropy,consistentee", "--wall-repeats", "0",
-                                 "--out-dir", str(tmp_path / "second")])
+                                 "--calibration-order", "knobs", "--out-dir", str(tmp_path / "second")])
     assert benchmark.run(args) == 0
     assert calls == [[0.01, 0.05]]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     second = json.loads((tmp_path / "second" / "report.json").read_text())
     assert list(second["methods"]) == ["entropy", "consistentee"]
+    assert second["calibration"]["order"] == "knobs"
     assert all(p["wall_speedup"] is None for m in second["methods"].values() for p in m["points"])
     assert "tradeoff_wall" not in second["files"]
     # the same run directory with other data settings is refused, not silently mixed

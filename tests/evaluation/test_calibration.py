@@ -13,11 +13,13 @@ from consistentee.evaluation.calibration import (
     Outcomes,
     calibrate,
     candidate_sequences,
+    chain_on_order_split,
     outcomes_from_points,
     pvalues,
     resampling_study,
     unseen_pvalues,
 )
+from consistentee.evaluation.risk import learn_then_test
 from consistentee.evaluation.sweep import EvalTables, build_candidates, sweep
 from consistentee.exits.rules import RULES
 
@@ -30,6 +32,27 @@ def test_sequences_run_from_conservative_to_aggressive_per_model_and_patience():
     assert sorted(seqs) == [[1, 3], [2, 0]]
     seqs = candidate_sequences("consistentee", [0.5, 0.9, 0.5, 0.9], model_keys=[0.03, 0.03, 0.05, 0.05])
     assert sorted(seqs) == [[1, 0], [3, 2]]
+
+
+def test_one_chain_follows_the_order_splits_frontier_from_slow_to_fast():
+    # two models' sequences; mean exit layer and accuracy drop of each candidate on the order rows
+    layers = np.array([6.0, 5.0, 4.0, 5.5, 4.5, 3.5])
+    losses = np.array([0.0, 0.1, 0.5, 0.0, 0.3, 0.2])
+    # 2 and 4 are beaten by 5 (faster, smaller loss); 0 and 3 tie on the loss, so both stay
+    assert chain_on_order_split([[0, 1, 2], [3, 4, 5]], layers, losses) == [[0, 3, 1, 5]]
+    assert chain_on_order_split([], layers, losses) == []
+    # a faster knob that fixes a full-depth mistake on the order rows (drop < 0) does not push out the safe,
+    # slower ones: the chain still starts where nothing is lost
+    assert chain_on_order_split([[0, 1], [2]], np.array([6.0, 5.0, 4.8]), np.array([0.0, 0.0, -0.1])) == [[0, 1, 2]]
+
+
+def test_one_chain_tests_at_the_whole_delta_where_separate_sequences_split_it():
+    p = np.array([0.01, 0.07, 0.01, 0.2])
+    separate = [[0, 1], [2, 3]]  # delta / 2 = 0.05 each: candidate 1 (p = 0.07) is not certified
+    assert sorted(learn_then_test(p, separate, 0.1)) == [0, 2]
+    chain = chain_on_order_split(separate, np.array([6.0, 4.0, 5.5, 3.0]), np.array([0.0, 0.2, 0.0, 0.9]))
+    assert chain == [[0, 2, 1, 3]]
+    assert sorted(learn_then_test(p, chain, 0.1)) == [0, 1, 2]
 
 
 def _synthetic(n: int, drops: list[float], seed: int = 0) -> Outcomes:

@@ -18,6 +18,7 @@ from consistentee.evaluation.sweep import (
     knob_from_json,
     knob_label,
     knob_to_json,
+    order_statistics,
     rule_flops_kwargs,
     sweep,
 )
@@ -55,6 +56,20 @@ def test_static_and_oracle_sweeps_by_hand():
     assert points[0].test["flops_speedup"] > 2.9
     oracle = sweep(build_candidates("oracle", t, t), FlopsSpec(SHAPE))[0]
     assert oracle.test_exit_layers.tolist() == [1, 2, 3, 3] and oracle.test["accuracy"] == 0.75
+
+
+def test_order_statistics_are_each_candidates_mean_exit_and_drop_on_the_order_rows():
+    t = tables()
+    # static k=1 is right on row 0 only, full depth on rows 0-2: 2 of 4 rows lost; k=3 loses nothing
+    layers, losses = order_statistics(build_candidates("static", t, t), {None: t})
+    assert layers.tolist() == [1.0, 2.0, 3.0]
+    assert losses.tolist() == pytest.approx([50.0, 25.0, 0.0])
+    # a ConsistentEE candidate reads its own model's table; the loss is against the stage-1 model's full depth
+    worse = EvalTables(P.flip(-1), LABELS, torch.tensor([5, 6, 7, 8]), torch.ones(4, 3), None)
+    cands = build_candidates("consistentee", t, t, policy_tables={0.1: (worse, worse)}, thresholds=[0.5])
+    layers, losses = order_statistics(cands, {None: t, 0.1: worse})
+    assert layers.tolist() == [1.0]  # policy 1.0 > 0.5 at layer 1: every row leaves there
+    assert losses.tolist() == pytest.approx([0.0])  # flipped layer 1 is right on rows 1-3, full depth on 0-2
 
 
 def test_entropy_sweep_and_knob_forms():

@@ -54,6 +54,7 @@ __all__ = [
     "Outcomes",
     "calibrate",
     "candidate_sequences",
+    "chain_on_order_split",
     "outcomes_from_points",
     "pvalues",
     "resampling_study",
@@ -134,6 +135,30 @@ def candidate_sequences(rule_name: str, knobs: Sequence[Any], model_keys: Sequen
         groups.setdefault((model, cls.sequence_key(knob)), []).append(i)
     return [sorted(idx, key=lambda i: cls.aggressiveness(knobs[i])) for _, idx in sorted(
         groups.items(), key=lambda kv: tuple(str(x) for x in kv[0]))]
+
+
+def chain_on_order_split(sequences: Sequence[Sequence[int]], order_layers: np.ndarray,
+                         order_losses: np.ndarray) -> list[list[int]]:
+    """One fixed sequence through the candidates of several, ordered on rows calibration never reads.
+
+    Several sequences split delta (Bonferroni): four ConsistentEE models are each tested at delta / 4, and a
+    few hundred calibration rows then certify little. One chain keeps the whole delta, but its order must not
+    come from the calibration rows, so it comes from another split (rows of the training split):
+    ``order_layers`` and ``order_losses`` are every candidate's mean exit layer and accuracy drop there.
+    A candidate that another one beats there (at least as fast, strictly smaller loss) is left out, so the
+    chain follows that split's frontier from the slowest candidate to the fastest. Losses below zero count as
+    zero: every budget holds them alike, and on rows the exits were trained on a knob that fixes a full-depth
+    mistake or two is noise; otherwise it would push every conservative knob out and start the chain at a
+    risky one. Equal losses (common on those rows) leave both in.
+    """
+    members = np.array(sorted({int(i) for s in sequences for i in s}), dtype=np.int64)
+    if len(members) == 0:
+        return []
+    layers = np.asarray(order_layers, dtype=np.float64)[members]
+    losses = np.maximum(np.asarray(order_losses, dtype=np.float64)[members], 0.0)
+    beaten = ((layers[None, :] <= layers[:, None]) & (losses[None, :] < losses[:, None])).any(axis=1)
+    keep = [(int(i), a, b) for i, a, b, out in zip(members, layers, losses, beaten, strict=True) if not out]
+    return [[i for i, _, _ in sorted(keep, key=lambda t: (-t[1], t[2], t[0]))]]
 
 
 def _alpha(max_loss_points: float) -> float:

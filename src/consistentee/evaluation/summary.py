@@ -217,7 +217,7 @@ def calibration_study(
     outcomes: Mapping[str, Outcomes], summaries: Mapping[str, Mapping[str, Any]],
     points: Mapping[str, Sequence[PointResult]], num_dev: int, num_test: int, full_test_accuracy: float, *,
     delta: float, loss: str, resplits: int, seed: int = 0, budgets: Sequence[float] = STUDY_BUDGETS,
-    method: str = DEFAULT_METHOD,
+    method: str = DEFAULT_METHOD, order: str = "knobs",
 ) -> dict[str, Any]:
     """The report's ``"calibration"`` block: per budget and rule, the resampling study
     (:func:`~consistentee.evaluation.calibration.resampling_study`) beside the best layer speed-up read off
@@ -237,8 +237,11 @@ def calibration_study(
     return {"delta": delta, "resplits": resplits, "loss": loss, "loss_definition": LOSS_DEFINITIONS[loss],
             "calibration_size": num_dev, "test_size": num_test,
             "guarantee": method, "guarantee_definition": METHOD_DEFINITIONS[method],
-            "method": "Learn-then-Test, fixed-sequence testing from conservative to aggressive knobs (Bonferroni "
-                      "over sequences: one per ConsistentEE model and per PCEE patience), "
+            "order": order,
+            "method": "Learn-then-Test, fixed-sequence testing from conservative to aggressive knobs ("
+                      + ("one chain per rule; a rule with several models or patiences is ordered and pruned on "
+                         "training rows, never on the calibration rows" if order == "train" else
+                         "Bonferroni over sequences: one per ConsistentEE model and per PCEE patience") + "), "
                       + ("WSR betting p-values" if loss == "accuracy_drop" else "Hoeffding-Bentkus p-values")
                       + (" and the normal-approximation test of the loss on test_size unseen rows (both must "
                          "reject)" if method == "expected+unseen" else "")

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from consistentee.evaluation.flops import EncoderShape, flops_speedup
@@ -30,6 +31,7 @@ __all__ = [
     "knob_from_json",
     "knob_label",
     "knob_to_json",
+    "order_statistics",
     "rule_flops_kwargs",
     "sweep",
 ]
@@ -259,3 +261,20 @@ def sweep(candidates: Sequence[Candidate], flops: FlopsSpec | None = None) -> li
         ))
     return points
 
+
+
+def order_statistics(candidates: Sequence[Candidate],
+                     tables: Mapping[float | None, EvalTables]) -> tuple[np.ndarray, np.ndarray]:
+    """Every candidate's mean exit layer and accuracy drop (points, against the stage-1 model's full depth)
+    on rows that are neither dev nor test: ``tables[None]`` the stage-1 model's, ``tables[beta]`` each
+    ConsistentEE model's (same rows). What orders calibration's single chain
+    (:func:`~consistentee.evaluation.calibration.chain_on_order_split`)."""
+    reference = tables[None]
+    ref_correct = (reference.probs[:, -1].argmax(-1) == reference.labels).double()
+    layers, losses = [], []
+    for c in candidates:
+        t = tables[c.model_key]
+        result = _simulate(c.rule, t)
+        layers.append(float(result.exit_layer.double().mean()))
+        losses.append(100.0 * float((ref_correct - (result.predictions == t.labels).double()).mean()))
+    return np.array(layers), np.array(losses)

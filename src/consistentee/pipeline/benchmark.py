@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from consistentee.evaluation.calibration import outcomes_from_points
+from consistentee.evaluation.calibration import chain_on_order_split, outcomes_from_points
 from consistentee.evaluation.flops import EncoderShape
 from consistentee.evaluation.report import write_report
 from consistentee.evaluation.summary import (
@@ -56,7 +56,15 @@ from consistentee.evaluation.summary import (
     routing_diagnostics,
     summarize_method,
 )
-from consistentee.evaluation.sweep import EvalTables, FlopsSpec, PointResult, build_candidates, sweep
+from consistentee.evaluation.sweep import (
+    Candidate,
+    EvalTables,
+    FlopsSpec,
+    PointResult,
+    build_candidates,
+    order_statistics,
+    sweep,
+)
 from consistentee.exits.learned import (
     LearnedExitHeads,
     LearnedHeadConfig,
@@ -131,6 +139,13 @@ class BenchmarkConfig:
         "help": "what calibrated points guarantee: expected+unseen (the expected loss, finite-sample, and the loss "
                 "on as many unseen rows as the test split, normal approximation), expected, or unseen",
         "choices": ("expected+unseen", "expected", "unseen")})
+    calibration_order: str = field(default="train", metadata={"advanced": True,
+        "help": "how calibration orders a rule whose knobs form several sequences (ConsistentEE betas, PCEE "
+                "patiences): train (one chain, ordered and pruned on --order-examples training rows, tested at the "
+                "whole delta) or knobs (one chain per model and patience, delta split among them)",
+        "choices": ("train", "knobs")})
+    order_examples: int = field(default=2000, metadata={"advanced": True,
+        "help": "training rows (a seeded subset of those the policies fit on) that order calibration's chain"})
     resplits: int = field(default=200, metadata={"advanced": True,
         "help": "random dev/test re-splits of the resampling study of calibration (0 skips it)"})
     table_batch_size: int = field(default=128, metadata={"advanced": True,
@@ -172,6 +187,10 @@ class BenchmarkConfig:
                              f"{self.calibration_guarantee!r}")
         if self.calibration_loss not in ("accuracy_drop", "disagreement"):
             raise ValueError(f"calibration_loss must be accuracy_drop or disagreement, got {self.calibration_loss!r}")
+        if self.calibration_order not in ("train", "knobs"):
+            raise ValueError(f"calibration_order must be train or knobs, got {self.calibration_order!r}")
+        if self.order_examples < 1:
+            raise ValueError(f"order_examples must be >= 1, got {self.order_examples}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -316,6 +335,9 @@ class _Tables:
     dev: EvalTables
     test: EvalTables
     policy: dict[float, tuple[EvalTables, EvalTables]]
+    #: the same tables on training rows that order calibration's chain (None: the stage-1 model; beta: each
+    #: ConsistentEE model); empty with ``calibration_order`` knobs.
+    order: dict[float | None, EvalTables] = field(default_factory=dict)
 
 
 @dataclass
@@ -373,10 +395,33 @@ def _per_layer_tables(run: _BenchmarkRun, model, data, heads: LearnedExitHeads |
         cache = cache_pooled_states(model, data.encoded[split], data.collate, batch_size=batch_size,
                                     device=run.torch_device, progress=run.progress, desc=f"tables {split}")
         tables[split] = EvalTables.from_cache(cache, heads)
-    policy_tables = {beta: _policy_tables(path, model, data, beta, batch_size=batch_size,
+    splits = {"dev": data.encoded["dev"], "test": data.encoded["test"]}
+    order_rows = _order_rows(run, data)
+    if order_rows is not None:
+        splits["order"] = train_subset(data, order_rows)
+        cache = cache_pooled_states(model, splits["order"], data.collate, batch_size=batch_size,
+                                    device=run.torch_device, progress=run.progress, desc="tables train (order)")
+        tables["order"] = EvalTables.from_cache(cache, heads)
+    policy_tables = {beta: _policy_tables(path, model, data.collate, splits, beta, batch_size=batch_size,
                                           device=run.torch_device, progress=run.progress)
                      for beta, path in sorted(policy_dirs.items())}
-    return _Tables(tables["dev"], tables["test"], policy_tables)
+    order = {} if order_rows is None else {None: tables["order"], **{b: t["order"] for b, t in policy_tables.items()}}
+    return _Tables(tables["dev"], tables["test"], {b: (t["dev"], t["test"]) for b, t in policy_tables.items()},
+                   order)
+
+
+def _order_rows(run: _BenchmarkRun, data) -> list[int] | None:
+    """Training rows that order calibration's chain: a seeded subset of those the policies fit on (None when
+    calibration keeps one chain per model, or no rule has several)."""
+    bench = run.bench
+    several = ("consistentee" in run.rules and len(bench.beta_values()) > 1) or "pcee" in run.rules
+    if bench.calibration_order != "train" or not several:
+        return None
+    rows = policy_rows(data, run.settings.data)
+    if len(rows) > bench.order_examples:
+        rng = np.random.default_rng(run.settings.data.data_seed)
+        rows = sorted(int(i) for i in rng.choice(rows, size=bench.order_examples, replace=False))
+    return list(rows)
 
 
 def _simulate_every_rule(run: _BenchmarkRun, model, heads: LearnedExitHeads | None, tables: _Tables) -> _Sweeps:
@@ -386,15 +431,19 @@ def _simulate_every_rule(run: _BenchmarkRun, model, heads: LearnedExitHeads | No
     spec = _flops_spec(model, heads)
     full_test, full_dev = test.full_depth(), dev.full_depth()
     points: dict[str, list[PointResult]] = {}
+    candidates: dict[str, list[Candidate]] = {}
     for name in tqdm(run.rules, desc="sweeps", unit="rule", disable=not run.progress, leave=False):
-        candidates = build_candidates(name, dev, test, policy_tables=tables.policy,
-                                      thresholds=bench.threshold_values(), grid_points=bench.grid_points)
-        points[name] = sweep(candidates, spec)
+        candidates[name] = build_candidates(name, dev, test, policy_tables=tables.policy,
+                                            thresholds=bench.threshold_values(), grid_points=bench.grid_points)
+        points[name] = sweep(candidates[name], spec)
     oracle_point = sweep(build_candidates("oracle", dev, test), spec)[0]
     x_range = auc_x_range(points, model.num_layers)
     summaries = {name: summarize_method(pts, full_test["accuracy"], full_dev["accuracy"], x_range)
                  for name, pts in points.items()}
     outcomes = {name: outcomes_from_points(name, pts, dev, test) for name, pts in points.items()}
+    for name, out in outcomes.items():
+        if tables.order and len(out.sequences) > 1:
+            out.sequences = chain_on_order_split(out.sequences, *order_statistics(candidates[name], tables.order))
     for name, pts in points.items():
         summaries[name]["calibrated"] = calibrated_points(pts, outcomes[name], len(dev), full_test["accuracy"],
                                                           delta=bench.delta, loss=bench.calibration_loss,
@@ -444,7 +493,8 @@ def _resampling_study(run: _BenchmarkRun, tables: _Tables, sweeps: _Sweeps) -> d
     return calibration_study(sweeps.outcomes, sweeps.summaries, sweeps.points, len(tables.dev), len(tables.test),
                              sweeps.full_test["accuracy"], delta=bench.delta, loss=bench.calibration_loss,
                              resplits=bench.resplits, seed=run.settings.data.data_seed,
-                             method=bench.calibration_guarantee)
+                             method=bench.calibration_guarantee,
+                             order="train" if tables.order else "knobs")
 
 
 def _write_benchmark_report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps,
@@ -603,15 +653,15 @@ def _policy_models(run_dir: Path, betas: list[float], cfg: PolicyConfig, *, devi
     return {**found, **{b: Path(trained[b]) for b in missing}}
 
 
-def _policy_tables(path: Path, stage1_model, data, beta: float, *, batch_size: int, device: torch.device,
-                   progress: bool) -> tuple[EvalTables, EvalTables]:
-    """(dev, test) tables of the ConsistentEE model in ``path``."""
+def _policy_tables(path: Path, stage1_model, collate, splits: dict[str, Any], beta: float, *, batch_size: int,
+                   device: torch.device, progress: bool) -> dict[str, EvalTables]:
+    """The tables of the ConsistentEE model in ``path`` on each of ``splits`` (name -> dataset)."""
     model = EarlyExitForSequenceClassification.from_pretrained(path, device=device)
     if model.num_layers != stage1_model.num_layers or model.num_labels != stage1_model.num_labels:
         raise ValueError(f"the ConsistentEE model in {path} does not match the stage-1 model's shape")
-    return tuple(EvalTables.from_exit_tables(collect_exit_tables(
-        model, data.encoded[split], data.collate, batch_size=batch_size, device=device, progress=progress,
-        desc=f"tables {split} beta={beta:g}")) for split in ("dev", "test"))
+    return {name: EvalTables.from_exit_tables(collect_exit_tables(
+        model, dataset, collate, batch_size=batch_size, device=device, progress=progress,
+        desc=f"tables {name} beta={beta:g}")) for name, dataset in splits.items()}
 
 
 def _flops_spec(model, heads: LearnedExitHeads | None) -> FlopsSpec:
