@@ -127,6 +127,9 @@ def test_benchmark_smoke_run_and_reuse(tiny_csv, tiny_encoder_dir, tmp_path, mon
     assert set(study) >= {"0.5", "1.0"} and set(study["1.0"]) == set(recipe.ALL_RULES)
     assert all(0.0 <= e["violation_rate"] <= 1.0 for e in study["1.0"].values())
     assert report["calibration"]["order"] == "train"  # two betas and PCEE's patiences: one chain per rule
+    # what the chain changed is shown beside it: the separate sequences on the same re-splits
+    assert set(study["1.0"]["consistentee"]["by_order"]) == {"knobs"}
+    assert "by_order" in study["1.0"]["pcee"] and "by_order" not in study["1.0"]["confidence"]
     assert report["settings"]["bench"]["order_examples"] == 2000
     assert set(report["same_weights"]) == {"0.01", "0.05"}
     for beta, model in report["consistentee_models"].items():  # one entry per policy, layers 1..L-1

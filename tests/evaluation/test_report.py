@@ -97,6 +97,13 @@ def test_markdown_and_console_summary_are_readable():
     assert "consistentee benchmark --run-dir runs/x" in md and "tradeoff_layer_speedup.png" in md
     assert "Gap to the oracle" in md and "+1.71" in md
     assert "| entropy | 4.0% | 2.20x | 2.10-2.30x | 0% | 2.40x | 92% | 40.0% | 2.50x |" in md
+    assert "separate sequences" not in md  # no rule was calibrated as one chain
+    chained = copy.deepcopy(report)
+    chained["calibration"]["budgets"]["1.0"]["consistentee"]["by_order"] = {
+        "knobs": {"violation_rate": 0.0, "median_speedup": 1.0, "none_certified_rate": 1.0}}
+    md = render_markdown(chained, {})
+    assert "| consistentee | 4.0% | 2.20x | 2.10-2.30x | 0% | 2.40x | 92% | 40.0% | 2.50x | 0.0% / 1.00x |" in md
+    assert "| entropy | 4.0% | 2.20x | 2.10-2.30x | 0% | 2.40x | 92% | 40.0% | 2.50x | — |" in md
     text = summary_table(report)
     lines = text.splitlines()
     assert lines[0].startswith("rt-snippets / minilm: full depth 85.65%")

@@ -7,6 +7,7 @@ Every number is read off the **test** curve except the knob choice, which uses *
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -218,15 +219,24 @@ def calibration_study(
     points: Mapping[str, Sequence[PointResult]], num_dev: int, num_test: int, full_test_accuracy: float, *,
     delta: float, loss: str, resplits: int, seed: int = 0, budgets: Sequence[float] = STUDY_BUDGETS,
     method: str = DEFAULT_METHOD, order: str = "knobs",
+    separate_sequences: Mapping[str, list[list[int]]] | None = None,
 ) -> dict[str, Any]:
     """The report's ``"calibration"`` block: per budget and rule, the resampling study
     (:func:`~consistentee.evaluation.calibration.resampling_study`) beside the best layer speed-up read off
-    the test curve, and their ratio."""
+    the test curve, and their ratio. ``separate_sequences``: for the rules calibrated as one chain, their
+    separate sequences, studied on the same re-splits (``by_order.knobs``) to show what the chain changed."""
     by_budget: dict[str, dict[str, Any]] = {str(float(b)): {} for b in budgets}
     for name, out in outcomes.items():
         study = resampling_study(out, calibration_size=num_dev, test_size=num_test, budgets=budgets, delta=delta,
                                  loss=loss, resplits=resplits, seed=seed, method=method,
                                  compare_methods=METHODS)
+        if separate_sequences and name in separate_sequences:
+            knobs = resampling_study(replace(out, sequences=separate_sequences[name]), calibration_size=num_dev,
+                                     test_size=num_test, budgets=budgets, delta=delta, loss=loss,
+                                     resplits=resplits, seed=seed, method=method)
+            for b, entry in knobs.items():
+                study[b]["by_order"] = {"knobs": {k: entry[k] for k in ("violation_rate", "median_speedup",
+                                                                         "none_certified_rate")}}
         pairs = [(p.test["layer_speedup"], p.test["accuracy"]) for p in points[name]]
         for b in budgets:
             entry = dict(study[str(float(b))])
@@ -238,6 +248,8 @@ def calibration_study(
             "calibration_size": num_dev, "test_size": num_test,
             "guarantee": method, "guarantee_definition": METHOD_DEFINITIONS[method],
             "order": order,
+            "by_order": "for a rule calibrated as one chain, by_order.knobs is its separate sequences (delta split "
+                        "among them) on the same re-splits",
             "method": "Learn-then-Test, fixed-sequence testing from conservative to aggressive knobs ("
                       + ("one chain per rule; a rule with several models or patiences is ordered and pruned on "
                          "training rows, never on the calibration rows" if order == "train" else

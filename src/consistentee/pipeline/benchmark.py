@@ -352,6 +352,8 @@ class _Sweeps:
     x_range: tuple[float, float]
     summaries: dict[str, dict[str, Any]]
     outcomes: dict[str, Any]
+    #: the per-model / per-patience sequences of the rules calibrated as one chain (what ``knobs`` would test).
+    separate_sequences: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
 def _train_stage1_and_memorize(run: _BenchmarkRun):
@@ -441,15 +443,17 @@ def _simulate_every_rule(run: _BenchmarkRun, model, heads: LearnedExitHeads | No
     summaries = {name: summarize_method(pts, full_test["accuracy"], full_dev["accuracy"], x_range)
                  for name, pts in points.items()}
     outcomes = {name: outcomes_from_points(name, pts, dev, test) for name, pts in points.items()}
+    separate: dict[str, list[list[int]]] = {}
     for name, out in outcomes.items():
         if tables.order and len(out.sequences) > 1:
+            separate[name] = out.sequences
             out.sequences = chain_on_order_split(out.sequences, *order_statistics(candidates[name], tables.order))
     for name, pts in points.items():
         summaries[name]["calibrated"] = calibrated_points(pts, outcomes[name], len(dev), full_test["accuracy"],
                                                           delta=bench.delta, loss=bench.calibration_loss,
                                                           seed=run.settings.data.data_seed,
                                                           method=bench.calibration_guarantee)
-    return _Sweeps(spec, full_dev, full_test, points, oracle_point, x_range, summaries, outcomes)
+    return _Sweeps(spec, full_dev, full_test, points, oracle_point, x_range, summaries, outcomes, separate)
 
 
 def _measure_wall_clock(run: _BenchmarkRun, model, data, heads: LearnedExitHeads | None,
@@ -494,7 +498,8 @@ def _resampling_study(run: _BenchmarkRun, tables: _Tables, sweeps: _Sweeps) -> d
                              sweeps.full_test["accuracy"], delta=bench.delta, loss=bench.calibration_loss,
                              resplits=bench.resplits, seed=run.settings.data.data_seed,
                              method=bench.calibration_guarantee,
-                             order="train" if tables.order else "knobs")
+                             order="train" if tables.order else "knobs",
+                             separate_sequences=sweeps.separate_sequences)
 
 
 def _write_benchmark_report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps,
