@@ -42,6 +42,8 @@ def make_report(seed: int, speed: tuple[float, float], auc: tuple[float, float],
     budgets = {key: {rule: {"median_speedup": s * factor, "violation_rate": v}
                      for rule, s, v in (("entropy", ent, 0.05), ("static", 1.5, 0.0), ("consistentee", cons, 0.12))}
                for key, factor in (("0.5", 0.8), ("1.0", 0.9))}
+    # consistentee was calibrated as one chain; with its sequences apart it would have stayed at full depth
+    budgets["1.0"]["consistentee"]["by_order"] = {"knobs": {"median_speedup": 1.0, "violation_rate": 0.0}}
     return {
         "dataset": dataset, "model": model, "split_sizes": {"train": 80, "dev": 10, "test": 10},
         "full_depth": {"accuracy": 0.85}, "methods": methods,
@@ -81,6 +83,8 @@ def test_aggregate_means_std_and_verdicts(tmp_path, capsys):
     cal = summary["settings"]["calibrated"]["consistentee"]
     assert cal["median_speedup_at_1pt"]["mean"] == pytest.approx(0.9 * 2.1)
     assert cal["violation_rate_at_0.5pt"]["mean"] == pytest.approx(0.12)
+    assert cal["separate_median_speedup_at_1pt"]["per_seed"] == {"0": 1.0, "1": 1.0, "2": 1.0}
+    assert summary["settings"]["calibrated"]["entropy"]["separate_median_speedup_at_1pt"] is None
     assert summary["reference"]["oracle_layer_speedup"]["mean"] == pytest.approx(4.0)
 
     # speed-up: consistentee ahead of entropy by 0.25 +- 0.05 over 3 seeds: t(0.975, 2) = 4.303
