@@ -208,6 +208,11 @@ def test_benchmark_config_validation_and_demo_settings():
         BenchmarkConfig(betas="a,b")
     with pytest.raises(ValueError, match="thresholds"):
         BenchmarkConfig(thresholds="1.5")
+    assert BenchmarkConfig().calibration_order == "train"
+    with pytest.raises(ValueError, match="calibration_order must be train or knobs"):
+        BenchmarkConfig(calibration_order="data")
+    with pytest.raises(ValueError, match="order_examples"):
+        BenchmarkConfig(order_examples=0)
     demo = demo_settings()
     assert demo.data.dataset == "rt-snippets" and demo.model.model == "minilm"
     assert demo.stage1.epochs == 1 and demo.bench.beta_values() == [0.03, 0.05, 0.07]
