@@ -157,8 +157,8 @@ def chain_on_order_split(sequences: Sequence[Sequence[int]], order_layers: np.nd
     layers = np.asarray(order_layers, dtype=np.float64)[members]
     losses = np.maximum(np.asarray(order_losses, dtype=np.float64)[members], 0.0)
     beaten = ((layers[None, :] <= layers[:, None]) & (losses[None, :] < losses[:, None])).any(axis=1)
-    keep = [(int(i), a, b) for i, a, b, out in zip(members, layers, losses, beaten, strict=True) if not out]
-    return [[i for i, _, _ in sorted(keep, key=lambda t: (-t[1], t[2], t[0]))]]
+    kept = np.flatnonzero(~beaten)  # members is sorted, so the last key breaks ties by candidate index
+    return [[int(members[k]) for k in sorted(kept, key=lambda k: (-layers[k], losses[k], k))]]
 
 
 def _alpha(max_loss_points: float) -> float:

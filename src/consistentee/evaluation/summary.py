@@ -218,13 +218,14 @@ def calibration_study(
     outcomes: Mapping[str, Outcomes], summaries: Mapping[str, Mapping[str, Any]],
     points: Mapping[str, Sequence[PointResult]], num_dev: int, num_test: int, full_test_accuracy: float, *,
     delta: float, loss: str, resplits: int, seed: int = 0, budgets: Sequence[float] = STUDY_BUDGETS,
-    method: str = DEFAULT_METHOD, order: str = "knobs",
-    separate_sequences: Mapping[str, list[list[int]]] | None = None,
+    method: str = DEFAULT_METHOD, separate_sequences: Mapping[str, list[list[int]]] | None = None,
 ) -> dict[str, Any]:
     """The report's ``"calibration"`` block: per budget and rule, the resampling study
     (:func:`~consistentee.evaluation.calibration.resampling_study`) beside the best layer speed-up read off
     the test curve, and their ratio. ``separate_sequences``: for the rules calibrated as one chain, their
-    separate sequences, studied on the same re-splits (``by_order.knobs``) to show what the chain changed."""
+    separate sequences, studied on the same re-splits (``by_order.knobs``) to show what the chain changed; none
+    (no rule chained) is ``order`` knobs."""
+    order = "train" if separate_sequences else "knobs"
     by_budget: dict[str, dict[str, Any]] = {str(float(b)): {} for b in budgets}
     for name, out in outcomes.items():
         study = resampling_study(out, calibration_size=num_dev, test_size=num_test, budgets=budgets, delta=delta,

@@ -262,7 +262,6 @@ def sweep(candidates: Sequence[Candidate], flops: FlopsSpec | None = None) -> li
     return points
 
 
-
 def order_statistics(candidates: Sequence[Candidate],
                      tables: Mapping[float | None, EvalTables]) -> tuple[np.ndarray, np.ndarray]:
     """Every candidate's mean exit layer and accuracy drop (points, against the stage-1 model's full depth)

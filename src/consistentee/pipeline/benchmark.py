@@ -71,7 +71,7 @@ from consistentee.exits.learned import (
     cache_pooled_states,
     train_learned_heads,
 )
-from consistentee.exits.rules import RULES, rule_names
+from consistentee.exits.rules import RULES, ExitRule, rule_names
 from consistentee.exits.tables import collect_exit_tables
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 from consistentee.pipeline.memorize import run_memorize
@@ -392,18 +392,15 @@ def _per_layer_tables(run: _BenchmarkRun, model, data, heads: LearnedExitHeads |
     """Step 5: every exit's softmax, every policy and every learned head score on dev and test."""
     run.steps.start("per-layer tables on dev and test")
     batch_size = run.bench.table_batch_size
-    tables: dict[str, EvalTables] = {}
-    for split in ("dev", "test"):
-        cache = cache_pooled_states(model, data.encoded[split], data.collate, batch_size=batch_size,
-                                    device=run.torch_device, progress=run.progress, desc=f"tables {split}")
-        tables[split] = EvalTables.from_cache(cache, heads)
     splits = {"dev": data.encoded["dev"], "test": data.encoded["test"]}
     order_rows = _order_rows(run, data)
     if order_rows is not None:
         splits["order"] = train_subset(data, order_rows)
-        cache = cache_pooled_states(model, splits["order"], data.collate, batch_size=batch_size,
-                                    device=run.torch_device, progress=run.progress, desc="tables train (order)")
-        tables["order"] = EvalTables.from_cache(cache, heads)
+    tables: dict[str, EvalTables] = {}
+    for split, dataset in splits.items():
+        cache = cache_pooled_states(model, dataset, data.collate, batch_size=batch_size,
+                                    device=run.torch_device, progress=run.progress, desc=f"tables {split}")
+        tables[split] = EvalTables.from_cache(cache, heads)
     policy_tables = {beta: _policy_tables(path, model, data.collate, splits, beta, batch_size=batch_size,
                                           device=run.torch_device, progress=run.progress)
                      for beta, path in sorted(policy_dirs.items())}
@@ -414,9 +411,10 @@ def _per_layer_tables(run: _BenchmarkRun, model, data, heads: LearnedExitHeads |
 
 def _order_rows(run: _BenchmarkRun, data) -> list[int] | None:
     """Training rows that order calibration's chain: a seeded subset of those the policies fit on (None when
-    calibration keeps one chain per model, or no rule has several)."""
+    calibration keeps one chain per model, or no rule has several: neither several models nor sequence keys)."""
     bench = run.bench
-    several = ("consistentee" in run.rules and len(bench.beta_values()) > 1) or "pcee" in run.rules
+    several = any((RULES[n].model_keyed and len(bench.beta_values()) > 1)
+                  or RULES[n].sequence_key.__func__ is not ExitRule.sequence_key.__func__ for n in run.rules)
     if bench.calibration_order != "train" or not several:
         return None
     rows = policy_rows(data, run.settings.data)
@@ -497,9 +495,7 @@ def _resampling_study(run: _BenchmarkRun, tables: _Tables, sweeps: _Sweeps) -> d
     return calibration_study(sweeps.outcomes, sweeps.summaries, sweeps.points, len(tables.dev), len(tables.test),
                              sweeps.full_test["accuracy"], delta=bench.delta, loss=bench.calibration_loss,
                              resplits=bench.resplits, seed=run.settings.data.data_seed,
-                             method=bench.calibration_guarantee,
-                             order="train" if tables.order else "knobs",
-                             separate_sequences=sweeps.separate_sequences)
+                             method=bench.calibration_guarantee, separate_sequences=sweeps.separate_sequences)
 
 
 def _write_benchmark_report(run: _BenchmarkRun, model, data, tables: _Tables, sweeps: _Sweeps,
