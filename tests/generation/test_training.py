@@ -299,8 +299,42 @@ def test_stage1_refuses_a_checkpoint_of_other_settings(tmp_path):
                                                    checkpoint_every=1), progress=False, checkpoint_dir=ckpt)
 
 
+def test_stage1_snapshots_hold_the_exits_of_that_step(tmp_path):
+    torch.manual_seed(0)
+    chunks = torch.randint(3, 64, (8, 10))
+    kw = dict(seq_len=10, batch_size=2, lora_rank=2, lora_targets="q_proj,v_proj", lora_alpha=4.0, head_positions=3)
+    T.stage1(_lora_model(), chunks, T.LMTrainConfig(stage1_steps=3, stage1_snapshots="2", **kw), progress=False,
+             snapshot_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage1-step2"]
+    two_steps = _lora_model()
+    T.stage1(two_steps, chunks, T.LMTrainConfig(stage1_steps=2, **kw), progress=False)
+    snap = EarlyExitLM.load_exits(tmp_path / "stage1-step2", tiny_base(layers=4))
+    expect = two_steps.trainable_modules().state_dict()
+    for name, value in snap.trainable_modules().state_dict().items():
+        assert torch.allclose(value, expect[name], atol=1e-6), name
+    for name, value in two_steps.lora_params.items():
+        assert torch.allclose(snap.lora_params[name], value, atol=1e-6), name
+
+
+def test_stage1_windows_cycles_over_fewer_sequences_and_keeps_the_policy_chunks_apart(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = T.lm_chunks
+
+    def spy(tokenizer, split, seq_len, num_chunks, seed=0, offset=0, corpus="wikitext"):
+        calls.append((num_chunks, offset))
+        return real(tokenizer, split, seq_len, num_chunks, seed, offset, corpus)
+
+    monkeypatch.setattr(T, "lm_chunks", spy)
+    cfg = T.LMTrainConfig(seq_len=12, batch_size=2, stage1_steps=3, stage1_windows=2, head_positions=4,
+                          memorize_chunks=3, stage2_steps=0, rollouts=2, stage3_steps=0)
+    T.train_exits(_model(), _CharTokenizer(), tmp_path, cfg, progress=True)
+    assert calls == [(2, 0), (3, 2)]  # stage 1 sees 2 sequences 3 times; stages 2-3 take the next 3
+    assert "stage 1: 2 sequences, 3.00 epochs" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kw", [{"head_positions": -1}, {"hardness_floor": 1.5}, {"layer_dropout": -0.1},
-                                {"exit_kl": -1.0}, {"checkpoint_every": -1}])
+                                {"exit_kl": -1.0}, {"checkpoint_every": -1}, {"stage1_windows": -1},
+                                {"stage1_snapshots": "300,six"}])
 def test_new_options_are_checked(kw):
     with pytest.raises(ValueError):
         T.LMTrainConfig(**kw)

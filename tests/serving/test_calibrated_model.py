@@ -105,6 +105,7 @@ def test_a_budget_nothing_meets_sets_full_depth_and_says_so(tmp_path, served_mod
     (["--max-loss", "0"], "--max-loss must lie in (0, 100)"),
     (["--delta", "1.5"], "--delta must lie in (0, 1)"),
     (["--grid-points", "1"], "--grid-points must be >= 2"),
+    (["--order-examples", "0"], "--order-examples must be >= 1"),
 ])
 def test_bad_calibration_options_are_one_line_errors(tmp_path, served_model_dir, calibration_csv, capsys, argv,
                                                      message):
@@ -114,3 +115,21 @@ def test_bad_calibration_options_are_one_line_errors(tmp_path, served_model_dir,
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (folder / "operating_point.json").exists()
+
+
+def test_pcee_is_calibrated_as_one_chain_ordered_on_training_rows(tmp_path, served_model_dir, calibration_csv,
+                                                                  capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(served_model_dir, folder)
+    assert _calibrate(folder, calibration_csv, "--max-loss", "20", "--rule", "pcee", "--grid-points", "20",
+                      "--order-examples", "100", "--dry-run") == 0
+    captured = capsys.readouterr()
+    chained = json.loads(captured.out)["calibration"]
+    assert chained["order"] == "train (100 training rows)" and chained["sequences_tested"] == 1
+    assert "one chain ordered on 100 training rows" in captured.err
+    assert _calibrate(folder, calibration_csv, "--max-loss", "20", "--rule", "pcee", "--grid-points", "20",
+                      "--calibration-order", "knobs", "--dry-run") == 0
+    separate = json.loads(capsys.readouterr().out)["calibration"]
+    assert separate["order"] == "knobs" and separate["sequences_tested"] > 1  # one per patience, delta split
+    assert _calibrate(folder, calibration_csv, "--max-loss", "20", "--rule", "entropy", "--dry-run") == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["order"] == "single sequence"

@@ -41,6 +41,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unseen-rows", type=int, default=None,
                         help="number of new inputs the budget must hold on (default: the calibration split's size)")
     parser.add_argument("--grid-points", type=int, default=200, help="knob candidates at quantiles of the rule's score")
+    parser.add_argument("--calibration-order", default="train", choices=("train", "knobs"),
+                        help="a rule whose knobs form several sequences (pcee's patiences): train tests one chain at "
+                             "the whole delta, ordered and pruned on --order-examples rows of the training split "
+                             "(never the calibration split); knobs splits delta among the sequences")
+    parser.add_argument("--order-examples", type=int, default=2000,
+                        help="training rows (a seeded subset) that order that chain")
     data = parser.add_argument_group("data (as in training)")
     data.add_argument("--text-column", default="text", help="column with the text (files and hf:)")
     data.add_argument("--text-pair-column", default=None, help="second text column for sentence pairs")
@@ -55,6 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
     from transformers import AutoTokenizer
 
     from consistentee.data.labels import LabelList
@@ -65,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
         model_folder,
         tables_for_split,
     )
-    from consistentee.training.run import DataConfig, prepare_data
+    from consistentee.training.run import DataConfig, prepare_data, train_subset
     from consistentee.utils.runtime import resolve_device
 
     cfg = CalibrationConfig(max_loss=args.max_loss, delta=args.delta, rule=args.rule, loss=args.loss,
-                            grid_points=args.grid_points, guarantee=args.guarantee, unseen_rows=args.unseen_rows)
+                            grid_points=args.grid_points, guarantee=args.guarantee, unseen_rows=args.unseen_rows,
+                            order=args.calibration_order, order_examples=args.order_examples)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     folder = model_folder(args.model)
@@ -84,13 +92,24 @@ def run(args: argparse.Namespace) -> int:
                               device=device, progress=args.progress)
     source = {"dataset": args.dataset, "split": args.split, "max_length": args.max_length,
               "data_seed": args.data_seed}
-    point, summary = calibrate_model(model, folder, tables, cfg, source=source, write=not args.dry_run)
+
+    def order_tables():
+        """Tables of a seeded subset of the training split: what orders a chain through several sequences."""
+        train = data.encoded["train"]
+        rows = np.random.default_rng(cfg.seed).permutation(len(train))[: cfg.order_examples]
+        return tables_for_split(model, train_subset(data, sorted(int(i) for i in rows)), data.collate,
+                                batch_size=args.batch_size, device=device, progress=args.progress)
+
+    point, summary = calibrate_model(model, folder, tables, cfg, source=source, write=not args.dry_run,
+                                     order_tables=order_tables if len(data.encoded["train"]) else None)
     measured = summary["calibration_split"]
     print(f"operating point: {point.describe()}", file=sys.stderr)
     print(f"on the {summary['calibration_examples']} {args.split} examples: accuracy "
           f"{100 * measured['accuracy']:.2f}% against {100 * measured['full_depth_accuracy']:.2f}% at full depth, "
           f"{measured['layer_speedup']:.2f}x layer speed-up; {summary['certified']} of {summary['candidates']} "
-          f"{summary['rule_searched']} knobs certified", file=sys.stderr)
+          f"{summary['rule_searched']} knobs certified"
+          + (f" (one chain ordered on {summary['order'][7:-1]})" if summary["order"].startswith("train") else ""),
+          file=sys.stderr)
     if summary.get("note"):
         print(f"consistentee: warning: {summary['note']}", file=sys.stderr)
     print(json.dumps(point.to_json()))

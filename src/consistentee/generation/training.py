@@ -98,8 +98,15 @@ class LMTrainConfig:
     batch_size: int = field(default=4, metadata={"stage1": True,
         "help": "sequences per step and process (under accelerate launch the global batch is N times this)"})
     stage1_steps: int = field(default=100, metadata={"stage1": True, "help": "stage-1 steps (exit heads)"})
+    stage1_windows: int = field(default=0, metadata={"stage1": True, "advanced": True,
+        "help": "distinct training sequences of stage 1, all processes together, cycled over in order when the "
+                "steps need more (epochs over a small corpus such as XSum's 1,708 windows of 128 tokens); 0: one "
+                "new sequence per sequence of the steps"})
     checkpoint_every: int = field(default=50, metadata={"advanced": True,
         "help": "stage-1 steps between checkpoints a stopped run resumes from (0: none)"})
+    stage1_snapshots: str = field(default="", metadata={"advanced": True,
+        "help": "comma-separated stage-1 steps at which the exits (and LoRA) are also saved, as "
+                "RUN_DIR/stage1-step<N>: a learning curve of one run (e.g. per-exit agreement against steps)"})
     head_positions: int = field(default=32, metadata={"stage1": True, "advanced": True,
         "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
     corpus: str = field(default="wikitext", metadata={"stage1": True,
@@ -166,6 +173,11 @@ class LMTrainConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.head_positions < 0:
             raise ValueError(f"head_positions must be >= 0, got {self.head_positions}")
+        if self.stage1_windows < 0:
+            raise ValueError(f"stage1_windows must be >= 0, got {self.stage1_windows}")
+        bad = [s for s in self.stage1_snapshots.split(",") if s.strip() and not s.strip().isdigit()]
+        if bad:
+            raise ValueError(f"stage1_snapshots must be comma-separated step numbers, got {self.stage1_snapshots!r}")
         for name in ("hardness_floor", "layer_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -175,6 +187,9 @@ class LMTrainConfig:
             raise ValueError(f"unknown reward {self.reward!r}; choose one of {', '.join(REWARDS)}")
         if self.hardness not in HARDNESS:
             raise ValueError(f"unknown hardness signal {self.hardness!r}; choose one of {', '.join(HARDNESS)}")
+
+    def snapshot_steps(self) -> set[int]:
+        return {int(s) for s in self.stage1_snapshots.split(",") if s.strip()}
 
     def lora_config(self) -> LoRAConfig | None:
         """The backbone LoRA, or None for a frozen backbone."""
@@ -420,11 +435,13 @@ def _stage1_signature(cfg: LMTrainConfig) -> str:
 
 
 def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: bool = True,
-           accelerator: Accelerator | None = None, checkpoint_dir: Path | None = None) -> list[float]:
+           accelerator: Accelerator | None = None, checkpoint_dir: Path | None = None,
+           snapshot_dir: Path | None = None) -> list[float]:
     """Exit heads on the weighted per-exit CE; returns the global step losses.
 
     With ``checkpoint_dir`` a checkpoint is written every ``cfg.checkpoint_every`` steps and a run started again
-    continues from it exactly (same batches, layer dropout and positions as an uninterrupted run)."""
+    continues from it exactly (same batches, layer dropout and positions as an uninterrupted run). With
+    ``snapshot_dir`` the exits are saved there as ``stage1-step<N>`` at each of ``cfg.snapshot_steps()``."""
     shards = _shards(model, accelerator)
     lora = list(model.lora_params.values())
     # the last exit is the model itself: it only has a gradient (through the LoRA) when there is a LoRA
@@ -483,6 +500,9 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
         if step % 10 == 0 or step == cfg.stage1_steps - 1:
             shards.log(progress, f"stage 1 step {step + 1}/{cfg.stage1_steps}: weighted exit CE {losses[-1]:.3f}")
         done = step + 1
+        if snapshot_dir is not None and done in cfg.snapshot_steps():
+            shards.on_main(lambda done=done: model.save_exits(snapshot_dir / f"stage1-step{done}",
+                                                              {"train": asdict(cfg), "stage1_step": done}))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
                 and done < cfg.stage1_steps:
             state = {"step": done, "optimizer": opt.state_dict(), "generator": gen.get_state(),
@@ -678,10 +698,11 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
     shards.broadcast_exits(model)
     shards.on_main(lambda: write_json(run_dir / "train_config.json", asdict(cfg)))
     global_batch = cfg.batch_size * shards.world
-    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.stage1_steps * global_batch, cfg.seed,
+    s1_windows = cfg.stage1_windows or cfg.stage1_steps * global_batch
+    s1_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, s1_windows, cfg.seed, corpus=cfg.corpus)
+    rl_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.memorize_chunks, cfg.seed, offset=s1_windows,
                           corpus=cfg.corpus)
-    rl_chunks = lm_chunks(tokenizer, "train", cfg.seq_len, cfg.memorize_chunks, cfg.seed,
-                          offset=cfg.stage1_steps * global_batch, corpus=cfg.corpus)
+    shards.log(progress, f"stage 1: {s1_windows} sequences, {cfg.stage1_steps * global_batch / s1_windows:.2f} epochs")
     timings = {}
     for name in ("stage1", "stage2", "stage3"):
         if (run_dir / name / EXITS_CONFIG).is_file():
@@ -694,7 +715,7 @@ def train_exits(model: EarlyExitLM, tokenizer, run_dir: str | Path, cfg: LMTrain
             continue
         start = time.perf_counter()
         if name == "stage1":
-            stage1(model, s1_chunks, cfg, progress, shards.accelerator, run_dir / STAGE1_CHECKPOINT)
+            stage1(model, s1_chunks, cfg, progress, shards.accelerator, run_dir / STAGE1_CHECKPOINT, run_dir)
         elif name == "stage2":
             signal = _hardness_signal(model, rl_chunks, cfg, run_dir, shards, progress)
             stage2(model, rl_chunks, signal, cfg, progress, shards.accelerator)

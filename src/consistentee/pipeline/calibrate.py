@@ -14,6 +14,7 @@ for inputs drawn like that split. It says nothing about inputs from another dist
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,19 @@ from consistentee.evaluation.calibration import (
     METHOD_DEFINITIONS,
     METHODS,
     calibrate,
+    chain_on_order_split,
     outcomes_from_points,
 )
-from consistentee.evaluation.sweep import EvalTables, build_candidates, sweep
+from consistentee.evaluation.sweep import EvalTables, build_candidates, order_statistics, sweep
 from consistentee.exits.operating_point import OperatingPoint, save_operating_point
 from consistentee.exits.rules import CALIBRATION_RULES, RULES
 from consistentee.exits.tables import collect_exit_tables
 
 __all__ = ["CALIBRATION_RULES", "CalibrationConfig", "calibrate_model", "default_rule", "model_folder",
            "tables_for_split"]
+
+
+ORDERS = ("train", "knobs")
 
 
 @dataclass
@@ -60,6 +65,11 @@ class CalibrationConfig:
     guarantee: str = DEFAULT_METHOD
     #: how many unseen inputs the budget must hold on (tests with "unseen"); None: the calibration split's size.
     unseen_rows: int | None = None
+    #: a rule whose knobs form several sequences (PCEE's patiences): train tests one chain at the whole delta,
+    #: ordered and pruned on training rows (never the calibration split); knobs splits delta among the sequences.
+    order: str = "train"
+    #: training rows (a seeded subset) that order that chain.
+    order_examples: int = 2000
 
     def __post_init__(self) -> None:
         if not 0.0 < self.max_loss < 100.0:
@@ -77,6 +87,10 @@ class CalibrationConfig:
             raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.grid_points < 2:
             raise ValueError(f"--grid-points must be >= 2, got {self.grid_points}")
+        if self.order not in ORDERS:
+            raise ValueError(f"--calibration-order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.order_examples < 1:
+            raise ValueError(f"--order-examples must be >= 1, got {self.order_examples}")
 
 
 def default_rule(model_dir: str | os.PathLike, config: Any) -> str:
@@ -89,17 +103,28 @@ def default_rule(model_dir: str | os.PathLike, config: Any) -> str:
 def calibrate_model(
     model, model_dir: str | os.PathLike, tables: EvalTables, cfg: CalibrationConfig, *,
     source: dict[str, Any] | None = None, write: bool = True,
+    order_tables: Callable[[], EvalTables] | None = None,
 ) -> tuple[OperatingPoint, dict[str, Any]]:
     """Calibrate ``model`` (loaded from ``model_dir``) on the labelled ``tables`` of a held-out split.
 
-    Returns the operating point (written to ``model_dir/operating_point.json`` when ``write``) and a summary
-    of what was measured on the calibration split. Nothing certified: the point is full depth (static k=L).
+    ``order_tables`` gives the tables of training rows, asked for only when the rule's knobs form several
+    sequences and ``cfg.order`` is train; without it those sequences split delta. Returns the operating point
+    (written to ``model_dir/operating_point.json`` when ``write``) and a summary of what was measured on the
+    calibration split. Nothing certified: the point is full depth (static k=L).
     """
     rule = default_rule(model_dir, model.config) if cfg.rule == "auto" else cfg.rule
     n = len(tables)
     policy_tables = {0.0: (tables, tables)} if RULES[rule].model_keyed else None
-    points = sweep(build_candidates(rule, tables, tables, policy_tables=policy_tables, grid_points=cfg.grid_points))
+    candidates = build_candidates(rule, tables, tables, policy_tables=policy_tables, grid_points=cfg.grid_points)
+    points = sweep(candidates)
     outcomes = outcomes_from_points(rule, points, tables, tables)
+    sequences = len(outcomes.sequences)
+    order = "knobs" if sequences > 1 else "single sequence"
+    if sequences > 1 and cfg.order == "train" and order_tables is not None:
+        train = order_tables()
+        outcomes.sequences = chain_on_order_split(outcomes.sequences,
+                                                  *order_statistics(candidates, {None: train, 0.0: train}))
+        order = f"train ({len(train)} training rows)"
     rows = np.arange(n)  # the dev half of the pooled outcomes is the calibration split
     unseen = cfg.unseen_rows or n
     choice = calibrate(outcomes, rows, max_loss_points=cfg.max_loss, delta=cfg.delta, loss=cfg.loss,
@@ -122,6 +147,7 @@ def calibrate_model(
         "rule_searched": rule, "max_loss_points": cfg.max_loss, "delta": cfg.delta, "loss": cfg.loss,
         "loss_definition": LOSS_DEFINITIONS[cfg.loss], "calibration_examples": n, "candidates": len(points),
         "certified": choice.certified, "seed": cfg.seed,
+        "order": order, "sequences_tested": len(outcomes.sequences),
         "calibration_split": {"full_depth_accuracy": full, "accuracy": acc, "layer_speedup": speed,
                               "loss_points": 100.0 * (full - acc)},
         **(source or {}),
