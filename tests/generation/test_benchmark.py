@@ -90,3 +90,20 @@ def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     assert set(agreement) == {"full_head", "draft_head"}
     assert agreement["full_head"][str(report["num_layers"])] == 1.0  # the last exit is the full model
     assert all(0.0 <= v <= 1.0 for head in agreement.values() for v in head.values())
+
+
+def test_a_rule_asked_only_at_some_exits_never_exits_elsewhere_offline_either():
+    from consistentee.generation.rules import make_rule, parse_check_layers
+
+    features = {"max_prob": torch.tensor([[0.99, 0.99, 0.99], [0.1, 0.99, 0.99]])}
+    exits = [2, 4, 6, 8]
+    rule = make_rule("confidence-maxprob", 0.9, [4])
+    assert rule.label == "confidence-maxprob(lambda=0.9)@4"
+    assert rule.offline_decisions(features, exits).tolist() == [[False, True, False], [False, True, False]]
+    assert B.first_exit(rule.offline_decisions(features, exits), exits).tolist() == [4, 4]
+    everywhere = make_rule("confidence-maxprob", 0.9)
+    assert B.first_exit(everywhere.offline_decisions(features, exits), exits).tolist() == [2, 4]
+    assert parse_check_layers("", exits) is None and parse_check_layers("2,6", exits) == [2, 6]
+    for bad in ("8", "3"):  # the last exit is always full depth; 3 is no exit
+        with pytest.raises(ValueError, match="not exit layers"):
+            parse_check_layers(bad, exits)

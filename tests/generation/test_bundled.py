@@ -185,6 +185,20 @@ def test_generate_without_exits_dir_uses_the_verified_bundle(tiny_bundle, monkey
     assert [r["tokens"] for r in rows] == [3, 3] and {r["mean_exit_layer"] for r in rows} == {2.0}
 
 
+def test_generate_checks_the_rule_at_the_given_exits_only(tiny_bundle, monkeypatch, capsys):
+    _fake_model(monkeypatch)
+    monkeypatch.setattr(bundled, "bundled_exits_dir", lambda name: tiny_bundle if name == NAME else None)
+    rc = cli_main(["generate", "--rule", "static", "--knob", "1", "--check-layers", "3", "--max-new-tokens", "3",
+                   "--json", "--device", "cpu", "--no-progress", "ab"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out)["mean_exit_layer"] == 3.0  # static 1 would exit at the first exit; asked at 3 only
+    rc = cli_main(["generate", "--rule", "static", "--check-layers", "4", "--device", "cpu", "--no-progress", "ab"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("consistentee: error: check layers [4] are not exit")
+    assert err.count("error") == 1
+
+
 def test_generate_refuses_a_corrupt_bundle(tiny_bundle, monkeypatch, capsys):
     calls: list = []
     _fake_model(monkeypatch, calls)

@@ -80,8 +80,23 @@ def test_full_acceptance_when_the_drafter_is_the_full_model(model):
     ids, mask = _ids(batch=1, length=7)
     res = _lossless(model, ids, mask, None, 4, n=16)  # no rule: drafts at full depth
     assert res.token_ids[0] == _hf(model, ids, mask, 16)
-    assert res.accepted == res.drafted > 0
     assert res.steps == 4  # 16 tokens in rounds of 4 drafts + 1, the last round limited by max_new_tokens
+    # a full-depth draft is the full model's token, not a guess: no acceptance to count, and verification does
+    # not project it through the full head a second time (one full-head row per token, as at full depth)
+    assert res.accepted == res.drafted == 0
+    assert res.full_head_rows == 16 and res.token_layers == 16 * L
+
+
+def test_a_drafter_asked_at_one_exit_runs_other_tokens_to_full_depth_unchecked(model):
+    ids, mask = _ids(batch=1, length=7, seed=2)
+    want = _hf(model, ids, mask, 14)
+    everywhere = _lossless(model, ids, mask, make_rule("confidence-maxprob", 0.05), 2, n=14)
+    at_two = _lossless(model, ids, mask, make_rule("confidence-maxprob", 0.05, [2]), 2, n=14)
+    assert everywhere.token_ids[0] == at_two.token_ids[0] == want
+    assert everywhere.exit_head_rows > 0 and at_two.exit_head_rows == at_two.checks  # one head per check
+    assert set(at_two.exit_layers[0]) <= {2, L} and at_two.checks <= everywhere.checks
+    strict = _lossless(model, ids, mask, make_rule("confidence-maxprob", 2.0, [2]), 2, n=14)  # never confident
+    assert strict.token_ids[0] == want and strict.drafted == 0 and strict.full_head_rows == 14
 
 
 def test_cache_after_lossless_equals_a_full_depth_pass(model):

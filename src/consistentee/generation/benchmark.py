@@ -189,7 +189,7 @@ def offline_perplexity(features: dict[str, torch.Tensor], exit_layers: list[int]
     if rule is None:
         exit_layer = torch.full((features["logq"].shape[0],), exit_layers[-1])
     else:
-        exit_layer = first_exit(rule.decide_offline(features, exit_layers), exit_layers)
+        exit_layer = first_exit(rule.offline_decisions(features, exit_layers), exit_layers)
     idx = torch.searchsorted(torch.tensor(exit_layers), exit_layer)
     lq = features["logq"].gather(1, idx.unsqueeze(1)).squeeze(1)
     return float(torch.exp(-lq.mean())), float(exit_layer.float().mean())

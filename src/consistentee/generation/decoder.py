@@ -441,7 +441,7 @@ class EarlyExitLM(nn.Module):
             out = self._cached_layer(i, h, cache, t0, cos_all, sin_all, lo)
             h = torch.where(exited.view(b, 1, 1), h, out) if (kv.freeze_exited and any_exited) else out
             layers_done = i + 1
-            if rule is not None and layers_done < L and layers_done in self.exit_set:
+            if rule is not None and layers_done < L and layers_done in self.exit_set and rule.checks_at(layers_done):
                 decision, rule_logits = rule.decide(self, layers_done, h[:, 0], prev[:, 0])
                 checks += b
                 if rule_logits is not None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from consistentee.generation.decoder import EarlyExitLM, LayerCache
 from consistentee.generation.kv import KV_STRATEGIES, make_kv_strategy
-from consistentee.generation.rules import RULES, TokenExitRule, make_rule
+from consistentee.generation.rules import RULES, TokenExitRule, make_rule, parse_check_layers
 
 RULE_CHOICES = ("full", *RULES)
 
@@ -50,6 +50,9 @@ class GenerationConfig:
         "help": "self-speculative: the rule's exits draft (their first layers' K/V kept), one pass verifies "
                 "(greedy output equals the full model; --kv does not apply)"})
     draft_tokens: int = field(default=4, metadata={"help": "tokens drafted per verification in --lossless"})
+    check_layers: str = field(default="", metadata={
+        "help": "exit layers where the rule is asked, comma-separated (empty: every exit); elsewhere a token "
+                "goes on unchecked, e.g. a lossless drafter that checks one shallow exit, else runs to full depth"})
     draft_vocab: int = field(default=0, metadata={
         "help": "exit checks and drafts project onto the N most frequent tokens of the training corpus "
                 "(0: full vocabulary); the last layer always uses the full head"})
@@ -212,7 +215,7 @@ def generate(model: EarlyExitLM, tokenizer, prompts: str | Sequence[str], cfg: G
     if not prompts:
         raise ValueError("no prompts")
     if rule == "from-config":
-        rule = make_rule(cfg.rule, cfg.knob)
+        rule = make_rule(cfg.rule, cfg.knob, parse_check_layers(cfg.check_layers, model.exit_layers))
     apply_draft_vocab(model, tokenizer, cfg.draft_vocab)
     ids, mask = encode(tokenizer, format_prompts(tokenizer, prompts, cfg.chat), model.device)
     return generate_ids(model, tokenizer, ids, mask, cfg, rule, stop=stop, on_text=on_text)
@@ -301,14 +304,19 @@ def _lossless(model: EarlyExitLM, cache: LayerCache, last: Tensor, cfg: Generati
         # layer by layer, the drafted slots above their exits; their first layers' K/V are kept
         model.forward_tokens(cache, tok)
         k = len(drafts)
-        greedy = model.head_logits(L, cache.final[0, committed:committed + k + 1]).argmax(-1).tolist()
-        res.full_head_rows += k + 1
+        # a draft that went through every layer is already the full model's token for its prefix: the full head
+        # is only needed for the shallow drafts and for the slot after the last draft
+        verify = [i for i in range(k) if draft_exits[i] < L] + [k]
+        logits = model.head_logits(L, cache.final[0, [committed + i for i in verify]])
+        greedy = dict(zip(verify, logits.argmax(-1).tolist(), strict=True))
+        res.full_head_rows += len(verify)
         res.steps += 1
         a = 0
-        while a < k and drafts[a] == greedy[a]:
+        while a < k and (draft_exits[a] == L or drafts[a] == greedy[a]):
             a += 1
-        res.accepted += a
-        res.drafted += k
+        # acceptance counts the shallow drafts only (a full-depth draft is the full model's token, not a guess)
+        res.accepted += sum(1 for e in draft_exits[:a] if e < L)
+        res.drafted += sum(1 for e in draft_exits if e < L)
         new = drafts[:a] + [greedy[a]]
         exits = draft_exits[:a] + [L]
         cache.truncate(committed + a + 1)

@@ -25,6 +25,7 @@ its exit test is the encoder class's (``ThresholdRule.passes`` / ``StaticRule.pa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -48,6 +49,25 @@ class TokenExitRule:
 
     def __init__(self, knob: float):
         self.knob = knob
+        #: the exit layers the rule is asked at (None: every exit); elsewhere a token goes on without a check
+        self.check_layers: frozenset[int] | None = None
+
+    def only_at(self, layers: Iterable[int] | None) -> TokenExitRule:
+        """This rule asked only at ``layers`` (e.g. a lossless drafter that checks one shallow exit and otherwise
+        runs the token to full depth, paying no check on the way); None or empty: every exit."""
+        self.check_layers = frozenset(int(x) for x in layers) if layers else None
+        return self
+
+    def checks_at(self, layer: int) -> bool:
+        return self.check_layers is None or layer in self.check_layers
+
+    def offline_decisions(self, features: dict[str, Tensor], exit_layers: list[int]) -> Tensor:
+        """:meth:`decide_offline`, with no exit at the layers the rule is not asked at."""
+        decisions = self.decide_offline(features, exit_layers)
+        if self.check_layers is None:
+            return decisions
+        asked = torch.tensor([self.checks_at(e) for e in exit_layers[:-1]], dtype=torch.bool)
+        return decisions & asked.to(decisions.device)
 
     def start_step(self, batch: int) -> None:  # hook for stateful rules
         pass
@@ -62,7 +82,8 @@ class TokenExitRule:
 
     @property
     def label(self) -> str:
-        return f"{self.name}({self.knob_name}={self.knob:g})"
+        at = "" if self.check_layers is None else f"@{'+'.join(str(x) for x in sorted(self.check_layers))}"
+        return f"{self.name}({self.knob_name}={self.knob:g}){at}"
 
 
 class ConsistentEERule(TokenExitRule):
@@ -158,14 +179,23 @@ RULES: dict[str, type[TokenExitRule]] = {
 }
 
 
-def make_rule(name: str, knob: float | None = None) -> TokenExitRule | None:
-    """A rule by name ("full" or "none": no early exit -> None)."""
+def make_rule(name: str, knob: float | None = None, check_layers: Iterable[int] | None = None) -> TokenExitRule | None:
+    """A rule by name ("full" or "none": no early exit -> None), asked at ``check_layers`` only when given."""
     if name in ("full", "none"):
         return None
     if name not in RULES:
         raise ValueError(f"unknown exit rule {name!r}; choose one of full, {', '.join(RULES)}")
     cls = RULES[name]
-    return cls(cls.default_knob if knob is None else knob)
+    return cls(cls.default_knob if knob is None else knob).only_at(check_layers)
+
+
+def parse_check_layers(text: str, exit_layers: list[int]) -> list[int] | None:
+    """``--check-layers`` ("6,12"; empty: None, every exit), each one an exit layer below the last."""
+    layers = [int(x) for x in text.split(",") if x.strip()] if text else []
+    bad = [x for x in layers if x not in exit_layers[:-1]]
+    if bad:
+        raise ValueError(f"check layers {bad} are not exit layers below the last (exits: {exit_layers})")
+    return layers or None
 
 
 def first_exit(decisions: Tensor, exit_layers: list[int]) -> Tensor:

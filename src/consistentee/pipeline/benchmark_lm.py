@@ -55,7 +55,7 @@ from consistentee.generation.generate import (
     prefill,
 )
 from consistentee.generation.loading import load_causal_lm
-from consistentee.generation.rules import make_rule
+from consistentee.generation.rules import RULES, make_rule, parse_check_layers
 from consistentee.generation.training import LMTrainConfig, train_exits
 from consistentee.utils.io import write_json, write_text
 from consistentee.utils.runtime import resolve_device, set_seed
@@ -86,10 +86,13 @@ class BenchmarkLMConfig:
     saturation_knobs: str = field(default="0.95,0.98", metadata={"advanced": True,
         "help": "CALM saturation (cosine) lambdas"})
     lossless_rule: str = field(default="static", metadata={"advanced": True,
-        "help": "drafter of the lossless row: a static exit layer or the ConsistentEE policy",
-        "choices": ("static", "consistentee")})
+        "help": "drafter of the lossless row: a static exit layer, the ConsistentEE policy, or a CALM rule",
+        "choices": tuple(RULES)})
     lossless_knob: float = field(default=12, metadata={"advanced": True,
-        "help": "the drafter's knob (static: layer; consistentee: policy threshold)"})
+        "help": "the drafter's knob (static: layer; consistentee: policy threshold; CALM: lambda)"})
+    lossless_check_layers: str = field(default="", metadata={"advanced": True,
+        "help": "exit layers the drafter is asked at (comma-separated; empty: every exit): a token not drafted "
+                "there runs to full depth unchecked"})
     draft_tokens: int = field(default=4, metadata={"advanced": True,
         "help": "lossless: tokens drafted per verification"})
     draft_vocab: int = field(default=0, metadata={"advanced": True,
@@ -137,13 +140,13 @@ def run_benchmark(run_dir: str | Path, cfg: BenchmarkLMConfig, train_cfg: LMTrai
     model, base, tok = _load_or_train_exits(run_dir, cfg, train_cfg, dev, progress)
     flops = model_flops(model)
     grid = rule_grid(cfg)
+    runs = _xsum_runs(cfg, grid, model.exit_layers)  # a bad drafter setting stops here, before any decoding
     report: dict = {"config": asdict(cfg), "train": asdict(train_cfg), "num_layers": model.num_layers,
                     "exit_layers": model.exit_layers, "threads": cfg.threads,
                     "num_test_examples": len(examples)}
     report["cost_model"] = measure_costs(model, vocab_sizes=(cfg.draft_vocab,) if cfg.draft_vocab else (4096, 8192),
                                          clock_kind=cfg.clock)
     report["perplexity"] = _perplexity_of_every_rule(model, tok, cfg, grid, progress)
-    runs = _xsum_runs(cfg, grid)
     rows = _decode_xsum(model, base, tok, examples, runs, cfg, flops, dev, progress)
     results = _xsum_results(rows, runs, examples, cfg, model.num_layers, flops)
     report["xsum"] = {"examples": len(examples), "kv": cfg.kv, "results": results,
@@ -209,8 +212,9 @@ class _XSumRuns:
     drafter: Any
 
 
-def _xsum_runs(cfg: BenchmarkLMConfig, grid: list[tuple[str, float]]) -> _XSumRuns:
-    drafter = make_rule(cfg.lossless_rule, cfg.lossless_knob)
+def _xsum_runs(cfg: BenchmarkLMConfig, grid: list[tuple[str, float]], exit_layers: list[int]) -> _XSumRuns:
+    drafter = make_rule(cfg.lossless_rule, cfg.lossless_knob, parse_check_layers(cfg.lossless_check_layers,
+                                                                                 exit_layers))
     configs = [("hf-generate", None), ("full", None)] + [(make_rule(n, k).label, (n, k)) for n, k in grid] + \
         [(f"lossless({drafter.label}, k={cfg.draft_tokens})", ("lossless", cfg.lossless_knob))]
     return _XSumRuns(configs, drafter)
@@ -280,7 +284,7 @@ def _flops_per_token(model: EarlyExitLM, spec, res, new: list[int], exits: list[
                      flops: dict[str, float]) -> list[float]:
     """The analytic FLOPs of every token of one output; the lossless row's from the work it did."""
     if spec is not None and spec[0] == "lossless":
-        per = work_flops(res, flops, cfg.lossless_rule == "consistentee") / max(len(new), 1)
+        per = work_flops(res, flops, RULES[cfg.lossless_rule].needs_policy) / max(len(new), 1)
         return [per] * len(new)
     rule_name = "full" if spec is None else spec[0]
     return [token_flops(e, model, rule_name, cfg.kv if spec else "full", flops) for e in exits]
