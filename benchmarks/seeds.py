@@ -315,6 +315,7 @@ def summarize(runs: list[Run], *, level: float = 0.95, command: str | None = Non
         "dataset_per_seed": {run.label: str(run.report.get("dataset")) for run in runs},
         "model": first.get("model"),
         "joint_scope": joint_scope(first),
+        "betas": configured_betas(first),
         "split_sizes": first.get("split_sizes") if all(run.report.get("split_sizes") == first.get("split_sizes")
                                                        for run in runs) else None,  # None: they differ
         "data_seeds": sorted({s for run in runs
@@ -695,11 +696,19 @@ def joint_scope(report: dict) -> str | None:
     return ((report.get("settings") or {}).get("policy") or {}).get("joint_scope")
 
 
-def dataset_key(dataset: str, model: str | None, scope: str | None = None) -> str:
-    """A dataset's name in the combined summary: with the model's when it is not the default (trec6-mpnet), and
-    with stage 3's scope when it is not the paper's (trec6-joint-exits), so variants sit side by side."""
+def configured_betas(report: dict) -> list[str] | None:
+    """The ConsistentEE betas the report's benchmark trained (None: a report that does not say)."""
+    betas = (((report.get("settings") or {}).get("bench") or {}).get("betas"))
+    return [b.strip() for b in str(betas).split(",") if b.strip()] if betas else None
+
+
+def dataset_key(dataset: str, model: str | None, scope: str | None = None, betas: int = 1) -> str:
+    """A dataset's name in the combined summary: with the model's when it is not the default (trec6-mpnet), with
+    stage 3's scope when it is not the paper's (trec6-joint-exits), and with the number of ConsistentEE models
+    when a study sweeps beta (trec6-joint-exits-4betas), so variants sit side by side."""
     name = dataset if model in (None, DEFAULT_MODEL) else f"{dataset}-{Path(str(model).rstrip('/')).name}"
-    return name if scope in (None, DEFAULT_JOINT_SCOPE) else f"{name}-joint-{scope}"
+    name = name if scope in (None, DEFAULT_JOINT_SCOPE) else f"{name}-joint-{scope}"
+    return name if betas <= 1 else f"{name}-{betas}betas"
 
 
 def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict:
@@ -707,7 +716,7 @@ def combine_summaries(paths: Sequence[Path], command: str | None = None) -> dict
     sources: dict[str, Path] = {}
     for path in paths:
         name, summary = load_seeds_summary(path)
-        name = dataset_key(name, summary.get("model"), summary.get("joint_scope"))
+        name = dataset_key(name, summary.get("model"), summary.get("joint_scope"), len(summary.get("betas") or ()))
         if name in datasets:
             raise SeedsError(f"{sources[name]} and {path} both summarise dataset {name}: give one summary a dataset")
         sources[name] = path

@@ -8,8 +8,10 @@ over prompt + summary then gives, at every summary position, each exit's argmax 
 reduced draft head, against the full model's. That share is the per-token acceptance a drafter at that exit can
 expect (the tokens lossless mode verifies), unlike prompt positions, which are the article's text.
 
-    python benchmarks/lm/agreement_curve.py --exits-dirs runs/lm-xsum-long/stage1-step300,... \\
-        --out benchmarks/lm/results/smollm2-135m-xsum-long/agreement_curve.json
+    python benchmarks/lm/agreement_curve.py --untrained 6,12,18,24,30 \\
+        --exits-dirs runs/lm-xsum-long/stage1-step300,... --out benchmarks/lm/results/smollm2-135m-xsum-long/agreement_curve.json
+
+Points already in ``--out`` (same settings) are kept, so the command can be re-run as snapshots appear.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from consistentee.generation.data import XSUM_TEST_POOL, xsum_examples, xsum_prompt
-from consistentee.generation.decoder import EarlyExitLM
+from consistentee.generation.decoder import EarlyExitLM, ExitsConfig
 from consistentee.generation.generate import _eos_ids, apply_draft_vocab, encode, format_prompts
 from consistentee.generation.loading import load_causal_lm
 from consistentee.generation.training import run_with_exits
@@ -90,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--exits-dirs", required=True, help="comma-separated trained exits directories")
+    parser.add_argument("--untrained", default=None, metavar="LAYERS",
+                        help="also the pretrained model with fresh exits at these layers (step 0), e.g. 6,12,18,24,30")
     parser.add_argument("--articles", type=int, default=40)
     parser.add_argument("--first-article", type=int, default=100,
                         help="test-pool position of the first article (benchmark-lm uses the first 100)")
@@ -103,12 +107,28 @@ def main() -> None:
         parser.error(f"--first-article + --articles must stay within the {XSUM_TEST_POOL} test-pool articles")
     torch.set_num_threads(args.threads)
     articles = [ex.article for ex in xsum_examples(args.first_article + args.articles)][args.first_article:]
+    out = Path(args.out)
+    settings = {"model": args.model, "articles": args.articles, "first_article": args.first_article,
+                "article_tokens": args.article_tokens, "max_new_tokens": args.max_new_tokens,
+                "draft_vocab": args.draft_vocab}
     curve = []
-    for directory in [Path(d) for d in args.exits_dirs.split(",") if d]:
+    if out.is_file():  # points measured before with the same settings are kept, not measured again
+        old = json.loads(out.read_text(encoding="utf-8"))
+        if {k: old.get(k) for k in settings} == settings:
+            curve = old["curve"]
+    done = {c["exits"] for c in curve}
+    sources = ([None] if args.untrained else []) + [Path(d) for d in args.exits_dirs.split(",") if d]
+    for directory in sources:
+        if str(directory or "untrained") in done:
+            continue
         start = time.perf_counter()
         base, tok = load_causal_lm(args.model)  # fresh weights: each directory merges its own LoRA
-        model = EarlyExitLM.load_exits(directory, base, merge=True).eval()
-        point = {"exits": str(directory), "step": _step(directory),
+        if directory is None:
+            layers = [int(x) for x in args.untrained.split(",")]
+            model = EarlyExitLM(base, ExitsConfig(exit_layers=layers)).eval()
+        else:
+            model = EarlyExitLM.load_exits(directory, base, merge=True).eval()
+        point = {"exits": str(directory or "untrained"), "step": 0 if directory is None else _step(directory),
                  **summary_agreement(model, tok, articles, args.article_tokens, args.max_new_tokens,
                                      args.draft_vocab)}
         curve.append(point)
@@ -116,11 +136,8 @@ def main() -> None:
               + ", ".join(f"{k}: {100 * v:.1f}% / {100 * point['full_head'][k]:.1f}%"
                           for k, v in point["draft_head"].items()), "(draft / full head)", flush=True)
     curve.sort(key=lambda c: c["step"])
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, {"model": args.model, "articles": args.articles, "first_article": args.first_article,
-                     "article_tokens": args.article_tokens, "max_new_tokens": args.max_new_tokens,
-                     "draft_vocab": args.draft_vocab, "curve": curve})
+    write_json(out, {**settings, "curve": curve})
     plot(curve, out.with_suffix(".png"))
 
 

@@ -257,3 +257,16 @@ def test_readme_table_per_report_mode_still_prints_the_committed_tables(capsys):
     out = capsys.readouterr().out
     assert out.startswith("| data | rule | AUC % | best @0.5pt | best @1pt |")
     assert "| rt-snippets | consistentee |" in out and "| rt-snippets | oracle |" in out
+
+
+def test_combine_names_a_beta_sweep_after_its_number_of_models(tmp_path, two_datasets):
+    toy, _ = two_datasets
+    folder = tmp_path / "results" / "toy-betas-seeds"
+    reports = {seed: fakes.make_report(seed, ONE_SEED["speed"], ONE_SEED["auc"]) for seed in (0, 1)}
+    for report in reports.values():
+        report["settings"]["bench"] = {"betas": "0.02,0.05,0.1,0.2"}
+    runs = [seeds.Run(str(seed), seed, folder / f"seed-{seed}" / "report.json", r) for seed, r in reports.items()]
+    folder.mkdir(parents=True)
+    seeds.write_json(folder / "summary.json", seeds.summarize(runs))
+    combined = _combine(tmp_path, toy, folder)
+    assert list(combined["datasets"]) == ["toy", "toy-4betas"]  # the sweep beside the one-beta study
