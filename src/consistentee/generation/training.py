@@ -105,8 +105,9 @@ class LMTrainConfig:
     checkpoint_every: int = field(default=50, metadata={"advanced": True,
         "help": "stage-1 steps between checkpoints a stopped run resumes from (0: none)"})
     stage1_snapshots: str = field(default="", metadata={"advanced": True,
-        "help": "comma-separated stage-1 steps at which the exits (and LoRA) are also saved, as "
-                "RUN_DIR/stage1-step<N>: a learning curve of one run (e.g. per-exit agreement against steps)"})
+        "help": "comma-separated stage-1 steps at which the exits (and LoRA) are also saved, as stage1-step<N> "
+                "beside stage1 (train-lm: RUN_DIR/exits/): a learning curve of one run (e.g. per-exit agreement "
+                "against steps)"})
     head_positions: int = field(default=32, metadata={"stage1": True, "advanced": True,
         "help": "positions per sequence with an exit-head CE (cost bound); 0: every position (LayerSkip)"})
     corpus: str = field(default="wikitext", metadata={"stage1": True,
