@@ -148,3 +148,16 @@ def test_decode_clock_excludes_tokenizer_lookups(model):
     elapsed = time.perf_counter() - start
     # the 0.3 s lookup happened, but outside the decode clock (robust to a slow, busy machine)
     assert elapsed >= 0.3 and res.seconds <= elapsed - 0.3 + 0.02
+
+
+def test_a_text_ended_by_a_full_depth_draft_costs_what_full_depth_decoding_costs(model):
+    ids, mask = _ids(batch=1, length=7)
+    free = _hf(model, ids, mask, 12)
+    eos = free[2]  # the third token ends the text: the last of the first round's three drafts
+    tok = ToyTokenizer(eos=eos)
+    full = generate_ids(model, tok, ids, mask, GenerationConfig(max_new_tokens=12), None)
+    lossless = generate_ids(model, tok, ids, mask, GenerationConfig(max_new_tokens=12, lossless=True,
+                                                                    draft_tokens=3), None)
+    assert lossless.token_ids == full.token_ids and len(full.token_ids[0]) == free.index(eos)
+    # drafts at full depth up to the end: no pass over the slot after the end of the text
+    assert lossless.token_layers == full.token_layers

@@ -300,6 +300,13 @@ def _lossless(model: EarlyExitLM, cache: LayerCache, last: Tensor, cfg: Generati
             tok = torch.tensor([[d]], device=x.device)
             if d in rows.eos:
                 break
+        if drafts and drafts[-1] in rows.eos and all(e == L for e in draft_exits):
+            # every draft is the full model's token and the last one ends the text: nothing is left to verify,
+            # and the slot after the end of the text is not worth a pass (full-depth decoding stops there too)
+            res.steps += 1
+            for t, e in zip(drafts, draft_exits, strict=True):
+                rows.add(0, t, e)
+            continue
         # verification: the last draft (x when nothing was drafted) goes through every layer, and with it,
         # layer by layer, the drafted slots above their exits; their first layers' K/V are kept
         model.forward_tokens(cache, tok)
