@@ -116,15 +116,20 @@ def test_combine_names_another_models_dataset_after_the_model(tmp_path, two_data
     assert combined["datasets"]["toy-mpnet"]["settings"]["standard"]["rules"]["entropy"]["n_seeds"] == 1
 
 
-def test_combine_names_another_stage3_scope_after_it(tmp_path, two_datasets):
-    toy, _ = two_datasets
-    folder = tmp_path / "results" / "toy-exits-seeds"
+def _variant_study(folder, settings_key: str, value: dict):
+    """A two-seed summary of the toy dataset whose reports set ``settings[settings_key] = value``."""
     reports = {seed: fakes.make_report(seed, ONE_SEED["speed"], ONE_SEED["auc"]) for seed in (0, 1)}
     for report in reports.values():
-        report["settings"]["policy"] = {"joint_scope": "exits"}
+        report["settings"][settings_key] = value
     runs = [seeds.Run(str(seed), seed, folder / f"seed-{seed}" / "report.json", r) for seed, r in reports.items()]
     folder.mkdir(parents=True)
     seeds.write_json(folder / "summary.json", seeds.summarize(runs))
+    return folder
+
+
+def test_combine_names_another_stage3_scope_after_it(tmp_path, two_datasets):
+    toy, _ = two_datasets
+    folder = _variant_study(tmp_path / "results" / "toy-exits-seeds", "policy", {"joint_scope": "exits"})
     combined = _combine(tmp_path, toy, folder)
     assert list(combined["datasets"]) == ["toy", "toy-joint-exits"]  # an ablation beside its dataset, not a clash
     assert combined["datasets"]["toy-joint-exits"]["joint_scope"] == "exits"
@@ -261,12 +266,6 @@ def test_readme_table_per_report_mode_still_prints_the_committed_tables(capsys):
 
 def test_combine_names_a_beta_sweep_after_its_number_of_models(tmp_path, two_datasets):
     toy, _ = two_datasets
-    folder = tmp_path / "results" / "toy-betas-seeds"
-    reports = {seed: fakes.make_report(seed, ONE_SEED["speed"], ONE_SEED["auc"]) for seed in (0, 1)}
-    for report in reports.values():
-        report["settings"]["bench"] = {"betas": "0.02,0.05,0.1,0.2"}
-    runs = [seeds.Run(str(seed), seed, folder / f"seed-{seed}" / "report.json", r) for seed, r in reports.items()]
-    folder.mkdir(parents=True)
-    seeds.write_json(folder / "summary.json", seeds.summarize(runs))
+    folder = _variant_study(tmp_path / "results" / "toy-betas-seeds", "bench", {"betas": "0.02,0.05,0.1,0.2"})
     combined = _combine(tmp_path, toy, folder)
     assert list(combined["datasets"]) == ["toy", "toy-4betas"]  # the sweep beside the one-beta study
