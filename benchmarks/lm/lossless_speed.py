@@ -57,9 +57,8 @@ def layer_agreement(model: EarlyExitLM, ids_list: list[torch.Tensor]) -> dict[st
         states, _ = run_with_exits(model, ids)
         final = model.head_logits(model.num_layers, states[model.num_layers]).argmax(-1)
         for layer in model.exit_layers:
-            hits[layer] += int((model.exit_logits(layer, states[layer]).argmax(-1) == final).sum()) \
-                if model.draft_vocab is None else \
-                int((model.draft_vocab[model.exit_logits(layer, states[layer]).argmax(-1)] == final).sum())
+            guess = model.to_full_vocab(model.exit_logits(layer, states[layer])).argmax(-1)
+            hits[layer] += int((guess == final).sum())
         total += final.numel()
     return {str(k): v / total for k, v in hits.items()}
 
