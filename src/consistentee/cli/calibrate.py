@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
           f"{100 * measured['accuracy']:.2f}% against {100 * measured['full_depth_accuracy']:.2f}% at full depth, "
           f"{measured['layer_speedup']:.2f}x layer speed-up; {summary['certified']} of {summary['candidates']} "
           f"{summary['rule_searched']} knobs certified"
-          + (f" (one chain ordered on {summary['order'][7:-1]})" if summary["order"].startswith("train") else ""),
+          + (f" (one chain ordered on {summary['order_rows']} training rows)" if summary["order_rows"] else ""),
           file=sys.stderr)
     if summary.get("note"):
         print(f"consistentee: warning: {summary['note']}", file=sys.stderr)

@@ -455,6 +455,7 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
     drop = layer_dropout_rates(model.num_layers, cfg.layer_dropout)
     losses: list[float] = []
     trained = _Trained(params)
+    snapshots = cfg.snapshot_steps()
     start = 0
     if checkpoint_dir is not None and find_checkpoint(checkpoint_dir) is not None:
         state = load_checkpoint(checkpoint_dir, trained)
@@ -501,7 +502,7 @@ def stage1(model: EarlyExitLM, chunks: Tensor, cfg: LMTrainConfig, progress: boo
         if step % 10 == 0 or step == cfg.stage1_steps - 1:
             shards.log(progress, f"stage 1 step {step + 1}/{cfg.stage1_steps}: weighted exit CE {losses[-1]:.3f}")
         done = step + 1
-        if snapshot_dir is not None and done in cfg.snapshot_steps():
+        if snapshot_dir is not None and done in snapshots:
             shards.on_main(lambda done=done: model.save_exits(snapshot_dir / f"stage1-step{done}",
                                                               {"train": asdict(cfg), "stage1_step": done}))
         if checkpoint_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \

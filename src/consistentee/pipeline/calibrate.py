@@ -119,12 +119,13 @@ def calibrate_model(
     points = sweep(candidates)
     outcomes = outcomes_from_points(rule, points, tables, tables)
     sequences = len(outcomes.sequences)
-    order = "knobs" if sequences > 1 else "single sequence"
+    order, order_rows = ("knobs" if sequences > 1 else "single sequence"), None
     if sequences > 1 and cfg.order == "train" and order_tables is not None:
         train = order_tables()
         outcomes.sequences = chain_on_order_split(outcomes.sequences,
                                                   *order_statistics(candidates, {None: train, 0.0: train}))
-        order = f"train ({len(train)} training rows)"
+        order_rows = len(train)
+        order = f"train ({order_rows} training rows)"
     rows = np.arange(n)  # the dev half of the pooled outcomes is the calibration split
     unseen = cfg.unseen_rows or n
     choice = calibrate(outcomes, rows, max_loss_points=cfg.max_loss, delta=cfg.delta, loss=cfg.loss,
@@ -147,7 +148,7 @@ def calibrate_model(
         "rule_searched": rule, "max_loss_points": cfg.max_loss, "delta": cfg.delta, "loss": cfg.loss,
         "loss_definition": LOSS_DEFINITIONS[cfg.loss], "calibration_examples": n, "candidates": len(points),
         "certified": choice.certified, "seed": cfg.seed,
-        "order": order, "sequences_tested": len(outcomes.sequences),
+        "order": order, "order_rows": order_rows, "sequences_tested": len(outcomes.sequences),
         "calibration_split": {"full_depth_accuracy": full, "accuracy": acc, "layer_speedup": speed,
                               "loss_points": 100.0 * (full - acc)},
         **(source or {}),
