@@ -92,6 +92,21 @@ def test_benchmark_report_on_a_tiny_model(tiny_run, tmp_path, monkeypatch):
     assert all(0.0 <= v <= 1.0 for head in agreement.values() for v in head.values())
 
 
+def test_a_lossless_drafter_that_never_drafts_shallow_costs_exactly_full_depth(tiny_run, tmp_path, monkeypatch):
+    """Drafts at the last layer are the full model's tokens: lossless mode then runs every slot and head row that
+    full depth runs, so its layer and FLOPs ratios, both counted against full depth's work, are exactly 1."""
+    root, sdist = tiny_run
+    monkeypatch.setenv("CONSISTENTEE_BIGBENCH_SDIST", str(sdist))
+    cfg = BenchmarkLMConfig(model=str(root / "model"), exits_dir=str(root / "exits"), xsum_examples=3,
+                            max_new_tokens=6, ppl_tokens=128, ppl_seq_len=64, consistentee_knobs="", static_knobs="",
+                            maxprob_knobs="", gap_knobs="", saturation_knobs="", lossless_rule="static",
+                            lossless_knob=4, draft_tokens=2, bootstrap=20, threads=1)
+    report = run_benchmark(tmp_path, cfg, LMTrainConfig(), device="cpu", progress=False)
+    row = {r["name"]: r for r in report["xsum"]["results"]}[report["lossless"]["config"]]
+    assert report["lossless"]["identical_outputs"] is True
+    assert row["layer_speedup"] == 1.0 and row["flops_ratio"] == pytest.approx(1.0)
+
+
 def test_a_rule_asked_only_at_some_exits_never_exits_elsewhere_offline_either():
     from consistentee.generation.rules import make_rule, parse_check_layers
 

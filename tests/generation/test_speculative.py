@@ -161,3 +161,31 @@ def test_a_text_ended_by_a_full_depth_draft_costs_what_full_depth_decoding_costs
     assert lossless.token_ids == full.token_ids and len(full.token_ids[0]) == free.index(eos)
     # drafts at full depth up to the end: no pass over the slot after the end of the text
     assert lossless.token_layers == full.token_layers
+
+
+def test_a_text_ended_by_a_shallow_draft_leaves_no_slot_after_the_end(model, monkeypatch):
+    """Verification of drafts that end the text completes their pending layers only: like full-depth decoding,
+    the end-of-text token is never run through the model (tried with each greedy token as the end of text)."""
+    ids, mask = _ids(batch=1, length=7)
+    free = _hf(model, ids, mask, 12)
+    completions = []
+    original = model.complete_pending
+    monkeypatch.setattr(model, "complete_pending", lambda cache: (completions.append(cache.t), original(cache)))
+    for j in range(1, 10):
+        if free[j] in free[:j]:
+            continue
+        tok = ToyTokenizer(eos=free[j])
+        cache = model.new_cache(1)
+        model.forward_tokens(cache, ids[:, :-1])
+        start, before = cache.t, len(completions)
+        cfg = GenerationConfig(max_new_tokens=12, lossless=True, draft_tokens=3)
+        res = generate_ids(model, tok, ids, mask, cfg, make_rule("static", 2), prefilled=(cache, ids[:, -1:]))
+        full = generate_ids(model, tok, ids, mask, GenerationConfig(max_new_tokens=12), None)
+        assert res.token_ids == full.token_ids == [free[:j]]
+        ended = len(completions) - before  # rounds whose last draft was the end of text (accepted or not)
+        # every slot runs through every layer once: k drafted slots per round, plus the slot after the last
+        # draft in the rounds that did not draft the end of text
+        assert res.token_layers == (res.drafted + res.steps - ended) * L
+        # slots: the prompt's last token and every generated token but the end of text, every layer complete
+        assert cache.t == start + 1 + j and cache.n == [cache.t] * L
+    assert completions  # some texts ended inside the drafts

@@ -415,6 +415,20 @@ class EarlyExitLM(nn.Module):
         return h
 
     @torch.no_grad()
+    def complete_pending(self, cache: LayerCache) -> None:
+        """Run the layers still missing for earlier slots (``recompute``) without adding a token: lossless
+        mode verifies a text that ends inside its drafts this way, since nothing follows the end of the text."""
+        t = cache.t
+        lo = min(cache.n)
+        if lo >= t:
+            return
+        none = torch.empty(cache.batch, 0, cache.hidden, dtype=self.dtype, device=self.device)
+        cos_all, sin_all = self.rope(none, cache.pos[:, lo:t])
+        for i in range(self.num_layers):
+            if cache.n[i] < t:
+                self._cached_layer(i, none, cache, t, cos_all, sin_all, lo)
+
+    @torch.no_grad()
     def step(self, cache: LayerCache, ids: Tensor, rule=None, kv=None) -> StepOutput:
         """One decoding step for ids [B, 1] with per-row exits decided by ``rule`` (None: full depth)."""
         from consistentee.generation.kv import make_kv_strategy

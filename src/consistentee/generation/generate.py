@@ -8,7 +8,9 @@ when it has one, and a lossless self-speculative mode (greedy only): the early-e
 Lossless drafting keeps the K/V the drafts computed: a draft that exits at layer e leaves layers e+1..L missing
 for its slot (``recompute``), and the verification pass runs, per layer, only the slots that still lack it
 (the drafted ones above their exit, plus the last draft) as one block. With a static drafter at layer d,
-verification of k drafts costs k+1 tokens through layers d+1..L plus the last draft's first d layers.
+verification of k drafts costs k+1 tokens through layers d+1..L plus the last draft's first d layers. When the last
+draft ends the text, its slot is not run at all (nothing follows it; full-depth decoding stops there too): the
+pass only completes the drafted slots (:meth:`EarlyExitLM.complete_pending`).
 
 The prompt minus its last token is prefilled at full depth; every new token (the first included) comes from a
 decoding step under the exit rule. ``GenerationResult.seconds`` times the decoding loop only (no prefill, no
@@ -300,22 +302,20 @@ def _lossless(model: EarlyExitLM, cache: LayerCache, last: Tensor, cfg: Generati
             tok = torch.tensor([[d]], device=x.device)
             if d in rows.eos:
                 break
-        if drafts and drafts[-1] in rows.eos and all(e == L for e in draft_exits):
-            # every draft is the full model's token and the last one ends the text: nothing is left to verify,
-            # and the slot after the end of the text is not worth a pass (full-depth decoding stops there too)
-            res.steps += 1
-            for t, e in zip(drafts, draft_exits, strict=True):
-                rows.add(0, t, e)
-            continue
-        # verification: the last draft (x when nothing was drafted) goes through every layer, and with it,
-        # layer by layer, the drafted slots above their exits; their first layers' K/V are kept
-        model.forward_tokens(cache, tok)
         k = len(drafts)
+        ends = bool(drafts) and drafts[-1] in rows.eos
+        # verification: the drafted slots go through the layers above their exits, one batched pass per layer
+        # (their first layers' K/V are kept). The last draft's own slot goes too, for the token after it, unless
+        # it ends the text: full-depth decoding stops there, so only the pending slots are completed.
+        if ends:
+            model.complete_pending(cache)
+        else:
+            model.forward_tokens(cache, tok)
         # a draft that went through every layer is already the full model's token for its prefix: the full head
         # is only needed for the shallow drafts and for the slot after the last draft
-        verify = [i for i in range(k) if draft_exits[i] < L] + [k]
-        logits = model.head_logits(L, cache.final[0, [committed + i for i in verify]])
-        greedy = dict(zip(verify, logits.argmax(-1).tolist(), strict=True))
+        verify = [i for i in range(k) if draft_exits[i] < L] + ([] if ends else [k])
+        logits = model.head_logits(L, cache.final[0, [committed + i for i in verify]]) if verify else None
+        greedy = dict(zip(verify, logits.argmax(-1).tolist(), strict=True)) if verify else {}
         res.full_head_rows += len(verify)
         res.steps += 1
         a = 0
@@ -324,8 +324,9 @@ def _lossless(model: EarlyExitLM, cache: LayerCache, last: Tensor, cfg: Generati
         # acceptance counts the shallow drafts only (a full-depth draft is the full model's token, not a guess)
         res.accepted += sum(1 for e in draft_exits[:a] if e < L)
         res.drafted += sum(1 for e in draft_exits if e < L)
-        new = drafts[:a] + [greedy[a]]
-        exits = draft_exits[:a] + [L]
+        new, exits = drafts[:a], draft_exits[:a]
+        if a < k or not ends:  # the full model's token after the accepted drafts (none after the end of text)
+            new, exits = new + [greedy[a]], exits + [L]
         cache.truncate(committed + a + 1)
         for t, e in zip(new, exits, strict=True):
             rows.add(0, t, e)

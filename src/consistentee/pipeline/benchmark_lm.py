@@ -228,7 +228,7 @@ def _decode_xsum(model: EarlyExitLM, base, tok, examples, runs: _XSumRuns, cfg: 
 
     now = clock(cfg.clock)
     rows: dict[str, dict] = {name: {"outputs": [], "seconds": [], "tokens": [], "exits": [], "flops": [],
-                                    "ids": [], "accepted": 0, "drafted": 0, "token_layers": 0}
+                                    "ids": [], "accepted": 0, "drafted": 0, "token_layers": 0, "work": 0.0}
                                   for name, _ in runs.configs}
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, kv=cfg.kv, chat=True)
     lossless_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, lossless=True, draft_tokens=cfg.draft_tokens)
@@ -270,6 +270,7 @@ def _decode_xsum(model: EarlyExitLM, base, tok, examples, runs: _XSumRuns, cfg: 
                     rec["accepted"] += acc
                     rec["drafted"] += dra
                     rec["token_layers"] += res.token_layers if res is not None else 0
+                    rec["work"] += _work(res, spec, cfg, flops)
                     rec["flops"].append(_flops_per_token(model, spec, res, new, exits, cfg, flops))
                     rec["tokens"].append(n_tok)
                     rec["seconds"].append([secs])
@@ -278,6 +279,14 @@ def _decode_xsum(model: EarlyExitLM, base, tok, examples, runs: _XSumRuns, cfg: 
         if progress:
             print(f"XSum example {ei + 1}/{len(examples)} done", flush=True)
     return rows
+
+
+def _work(res, spec, cfg: BenchmarkLMConfig, flops: dict[str, float]) -> float:
+    """FLOPs of the work a generation counted (0 for Hugging Face's rows, which count none)."""
+    if res is None:
+        return 0.0
+    lossless = spec is not None and spec[0] == "lossless"
+    return work_flops(res, flops, lossless and RULES[cfg.lossless_rule].needs_policy)
 
 
 def _flops_per_token(model: EarlyExitLM, spec, res, new: list[int], exits: list[int], cfg: BenchmarkLMConfig,
@@ -327,10 +336,13 @@ def _xsum_results(rows: dict[str, dict], runs: _XSumRuns, examples, cfg: Benchma
                "tokens": sum(rec["tokens"])}
         if spec is not None and spec[0] == "lossless":
             row["acceptance"] = rec["accepted"] / max(rec["drafted"], 1)
-            # Every layer it ran (drafts and verification, draft layers reused) against L per emitted token.
-            row["layer_speedup"] = num_layers * row["tokens"] / max(rec["token_layers"], 1)
-            row["note"] = ("mean exit layer of drafted tokens; layer x counts every layer run, drafting and "
-                           "verification, per emitted token")
+            # Every layer it ran and every head row it projected (drafts and verification, draft layers reused)
+            # against what full depth ran on the same texts, counted the same way: both pass over the slot that
+            # yields the end of text, which a per-emitted-token count would charge to the lossless row alone.
+            row["layer_speedup"] = rows["full"]["token_layers"] / max(rec["token_layers"], 1)
+            row["flops_ratio"] = rows["full"]["work"] / rec["work"] if rec["work"] else 1.0
+            row["note"] = ("mean exit layer of drafted tokens; layer x and FLOPs x count every layer and head row "
+                           "run, drafting and verification, against full depth's on the same texts")
         results.append(row)
     return results
 
