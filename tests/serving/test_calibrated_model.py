@@ -133,3 +133,17 @@ def test_pcee_is_calibrated_as_one_chain_ordered_on_training_rows(tmp_path, serv
     assert separate["order"] == "knobs" and separate["sequences_tested"] > 1  # one per patience, delta split
     assert _calibrate(folder, calibration_csv, "--max-loss", "20", "--rule", "entropy", "--dry-run") == 0
     assert json.loads(capsys.readouterr().out)["calibration"]["order"] == "single sequence"
+
+
+def test_auto_certifies_confidence_on_a_consistentee_model_too(tmp_path, served_model_dir, calibration_csv, capsys):
+    """On ConsistentEE models a confidence threshold certifies faster points than their policy
+    (docs/calibration.md, "Which rule"), so auto calibrates it whatever trained the model."""
+    folder = tmp_path / "model"
+    shutil.copytree(served_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.setdefault("extra", {})["policy_training"] = {"beta": 0.05, "completed": ["r1-policy"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    for rule, searched in (("auto", "confidence"), ("consistentee", "consistentee")):
+        assert _calibrate(folder, calibration_csv, "--max-loss", "20", "--rule", rule, "--grid-points", "20",
+                          "--dry-run") == 0
+        assert json.loads(capsys.readouterr().out)["calibration"]["rule_searched"] == searched

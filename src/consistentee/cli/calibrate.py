@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delta", type=float, default=0.1, help="the budget holds with probability >= 1 - delta")
     parser.add_argument("--rule", default="auto",
                         choices=("auto", *CALIBRATION_RULES),
-                        help="exit rule (auto: consistentee when the model's policies were trained, else confidence)")
+                        help="exit rule (auto: confidence, on ConsistentEE models too: it certifies a faster point "
+                             "than their policy; consistentee: the policy)")
     parser.add_argument("--loss", default="accuracy_drop", choices=("accuracy_drop", "disagreement"),
                         help="what is controlled: the accuracy drop, or disagreement with full depth (label-free, "
                              "stricter)")

@@ -38,11 +38,15 @@ from consistentee.exits.operating_point import OperatingPoint, save_operating_po
 from consistentee.exits.rules import CALIBRATION_RULES, RULES
 from consistentee.exits.tables import collect_exit_tables
 
-__all__ = ["CALIBRATION_RULES", "CalibrationConfig", "calibrate_model", "default_rule", "model_folder",
+__all__ = ["AUTO_RULE", "CALIBRATION_RULES", "CalibrationConfig", "calibrate_model", "model_folder",
            "tables_for_split"]
 
 
 ORDERS = ("train", "knobs")
+#: The rule ``--rule auto`` certifies, whatever trained the model: on ConsistentEE models a confidence threshold
+#: certifies a faster point than the model's own policy, both within the guarantee (docs/calibration.md, "Which
+#: rule": ``benchmarks/calibration_rules.py``); ``--rule consistentee`` still certifies the policy.
+AUTO_RULE = "confidence"
 
 
 @dataclass
@@ -53,7 +57,7 @@ class CalibrationConfig:
     max_loss: float = 1.0
     #: the budget holds with probability at least 1 - delta.
     delta: float = DEFAULT_DELTA
-    #: exit rule, or "auto": consistentee when the model's policies were trained, else confidence.
+    #: exit rule, or "auto": AUTO_RULE (confidence) on every model.
     rule: str = "auto"
     #: what is controlled: accuracy_drop (default) or disagreement with full depth (label-free, stricter).
     loss: str = "accuracy_drop"
@@ -93,13 +97,6 @@ class CalibrationConfig:
             raise ValueError(f"--order-examples must be >= 1, got {self.order_examples}")
 
 
-def default_rule(model_dir: str | os.PathLike, config: Any) -> str:
-    """consistentee when the folder's policies were trained by stages 2/3, else confidence."""
-    from consistentee.training.policy import policies_trained
-
-    return "consistentee" if policies_trained(model_dir, config) else "confidence"
-
-
 def calibrate_model(
     model, model_dir: str | os.PathLike, tables: EvalTables, cfg: CalibrationConfig, *,
     source: dict[str, Any] | None = None, write: bool = True,
@@ -112,7 +109,7 @@ def calibrate_model(
     (written to ``model_dir/operating_point.json`` when ``write``) and a summary of what was measured on the
     calibration split. Nothing certified: the point is full depth (static k=L).
     """
-    rule = default_rule(model_dir, model.config) if cfg.rule == "auto" else cfg.rule
+    rule = AUTO_RULE if cfg.rule == "auto" else cfg.rule
     n = len(tables)
     policy_tables = {0.0: (tables, tables)} if RULES[rule].model_keyed else None
     candidates = build_candidates(rule, tables, tables, policy_tables=policy_tables, grid_points=cfg.grid_points)
