@@ -293,7 +293,7 @@ def _flops_per_token(model: EarlyExitLM, spec, res, new: list[int], exits: list[
                      flops: dict[str, float]) -> list[float]:
     """The analytic FLOPs of every token of one output; the lossless row's from the work it did."""
     if spec is not None and spec[0] == "lossless":
-        per = work_flops(res, flops, RULES[cfg.lossless_rule].needs_policy) / max(len(new), 1)
+        per = _work(res, spec, cfg, flops) / max(len(new), 1)
         return [per] * len(new)
     rule_name = "full" if spec is None else spec[0]
     return [token_flops(e, model, rule_name, cfg.kv if spec else "full", flops) for e in exits]
