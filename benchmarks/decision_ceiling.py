@@ -1,7 +1,7 @@
 """How far can an exit decision that reads only the exits' outputs get past one confidence threshold, on the same
 weights?
 
-    python benchmarks/decision_ceiling.py RUN_DIR [--beta BETA] [--fit dev|holdout] [--out DIR]
+    python benchmarks/decision_ceiling.py RUN_DIR [--beta BETA] [--fit dev|holdout] [--state] [--out DIR]
 
 ConsistentEE's policy decides from what the exits say (``--policy-features confidence`` or ``path``). This script
 asks what the best such decision could gain, with the exits fixed: on the stage-1 model of RUN_DIR (or on the
@@ -15,7 +15,11 @@ with a single confidence threshold on the test split:
   entropy and margin, the agreement run, every earlier exit's max probability and whether it agrees) to "this exit
   is right"; exit when it reaches t;
 - ``path, gain``: the same features, a second regression for "the last exit is right"; exit when the expected
-  gain of going to full depth is below lambda * (remaining layers / L).
+  gain of going to full depth is below lambda * (remaining layers / L);
+- ``path + state, calibrated`` (with ``--state``): the path features and the input itself, as the leading principal
+  components of the layer's L2-normalised pooled state (what a ``state`` policy reads); the number of components
+  (8 or 32) and the regularisation (C 0.1 or 1) are chosen per layer by 3-fold cross-validated log-loss on the
+  fitting rows, never on test.
 
 Fitting rows: the policy hold-out when the run has one (``--fit holdout``, the default then), else the dev split.
 Printed and written (``--out``): the best test accuracy at each layer speed-up, the best speed-up within 0.5 and 1
@@ -31,7 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.compose import ColumnTransformer
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
 
 from consistentee.evaluation.curves import best_speedup_within
 from consistentee.exits.tables import collect_exit_tables
@@ -41,7 +49,6 @@ from consistentee.training.run import (
     load_run_model,
     load_run_settings,
     policy_rows,
-    split_tables,
     train_subset,
 )
 from consistentee.utils.io import write_json, write_text
@@ -113,6 +120,34 @@ def fit_regressions(features: list[np.ndarray], target: np.ndarray) -> list[Logi
     return models
 
 
+def fit_state_regressions(features: list[np.ndarray], states: np.ndarray, target: np.ndarray,
+                          seed: int = 0) -> list[Pipeline | float]:
+    """Per layer but the last: a logistic regression on the path features and the leading principal components of
+    the pooled state [N, L, d], its size and strength chosen by cross-validation on these rows alone."""
+    models: list[Pipeline | float] = []
+    for layer in range(len(features) - 1):
+        y = target[:, layer]
+        if y.min() == y.max():
+            models.append(float(y[0]))
+            continue
+        path_width = features[layer].shape[1]
+        pipe = Pipeline([
+            ("columns", ColumnTransformer([("path", "passthrough", slice(0, path_width)),
+                                           ("state", PCA(random_state=seed), slice(path_width, None))])),
+            ("regression", LogisticRegression(max_iter=5000))])
+        components = [k for k in (8, 32) if k < min(len(y) * 2 // 3, states.shape[-1])] or [1]
+        search = GridSearchCV(pipe, {"columns__state__n_components": components, "regression__C": [0.1, 1.0]},
+                              scoring="neg_log_loss", cv=3)
+        models.append(search.fit(state_inputs(features, states, layer), y).best_estimator_)
+    return models
+
+
+def state_inputs(features: list[np.ndarray], states: np.ndarray, layer: int) -> np.ndarray:
+    """[N, F + d]: the path features of ``layer`` and its L2-normalised pooled state."""
+    state = states[:, layer]
+    return np.concatenate([features[layer], state / np.maximum(np.linalg.norm(state, axis=-1, keepdims=True), 1e-12)], 1)
+
+
 def predict(models: list[LogisticRegression | float], features: list[np.ndarray]) -> np.ndarray:
     n = features[0].shape[0]
     cols = [np.full(n, m) if isinstance(m, float) else m.predict_proba(features[i])[:, 1]
@@ -155,14 +190,21 @@ def decisions(fit: dict, test: dict) -> dict[str, list[np.ndarray]]:
     num_layers = test["correct"].shape[1]
     remaining = (num_layers - 1 - np.arange(num_layers)) / num_layers
     out["path, gain"] = [first_exit(right_here >= right_last - lam * remaining) for lam in GAIN_GRID]
+    if fit.get("states") is not None:
+        models = fit_state_regressions(fit["features"], fit["states"], fit["correct"])
+        inputs = [state_inputs(test["features"], test["states"], layer) for layer in range(num_layers)]
+        right_state = predict(models, inputs)
+        out["path + state, calibrated"] = [first_exit(right_state >= t) for t in np.linspace(0.3, 1.0, 141)]
     return out
 
 
 def split_view(tables) -> dict:
     probs = tables.probs.float().numpy()
     labels = tables.labels.numpy()
+    pooled = getattr(tables, "pooled", None)
     return {"max_prob": probs.max(-1), "correct": (probs.argmax(-1) == labels[:, None]).astype(np.float64),
-            "features": path_features(probs), "classes": probs.shape[-1]}
+            "features": path_features(probs), "classes": probs.shape[-1],
+            "states": None if pooled is None else pooled.float().numpy().astype(np.float64)}
 
 
 def summarise(exits: dict[str, list[np.ndarray]], correct: np.ndarray, seed: int = 0) -> dict:
@@ -221,7 +263,7 @@ def markdown(result: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(run_dir: str, beta: float | None, fit_rows: str | None, out: str | None) -> int:
+def main(run_dir: str, beta: float | None, fit_rows: str | None, out: str | None, state: bool = False) -> int:
     torch.manual_seed(0)
     model, data = load_run_model(run_dir, device="cpu")
     data_cfg, _ = load_run_settings(run_dir)
@@ -235,8 +277,9 @@ def main(run_dir: str, beta: float | None, fit_rows: str | None, out: str | None
         fit_set = train_subset(data, policy_rows(data, data_cfg))
     else:
         fit_set = data.encoded["dev"]
-    fit = split_view(collect_exit_tables(model, fit_set, data.collate, progress=False))
-    test = split_view(split_tables(model, data, "test", progress=False))
+    fit = split_view(collect_exit_tables(model, fit_set, data.collate, progress=False, return_pooled=state))
+    test = split_view(collect_exit_tables(model, data.encoded["test"], data.collate, progress=False,
+                                          return_pooled=state))
     exits = decisions(fit, test)
     result = summarise(exits, test["correct"])
     model_name = "stage-1 model" if beta is None else f"ConsistentEE model beta {beta:g}"
@@ -258,6 +301,9 @@ if __name__ == "__main__":
     parser.add_argument("run_dir")
     parser.add_argument("--beta", type=float, help="the ConsistentEE model of this beta (default: stage 1)")
     parser.add_argument("--fit", choices=("dev", "holdout"), help="rows the richer decisions are fitted on")
+    parser.add_argument("--state", action="store_true",
+                        help="also fit a decision that reads the pooled state (the input itself)")
     parser.add_argument("--out", help="folder that gets decision_ceiling.json and .md")
     args = parser.parse_args()
-    sys.exit(common.exit_on_bad_input("decision_ceiling.py", main, args.run_dir, args.beta, args.fit, args.out))
+    sys.exit(common.exit_on_bad_input("decision_ceiling.py", main, args.run_dir, args.beta, args.fit, args.out,
+                                      args.state))

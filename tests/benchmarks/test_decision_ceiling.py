@@ -72,6 +72,37 @@ def test_the_gain_rule_exits_early_on_inputs_that_full_depth_gets_wrong():
     assert dc.best_speedup(gain, full, 0.0) > dc.best_speedup(confidence, full, 0.0) + 0.2
 
 
+def test_the_state_rule_reads_what_the_confidence_does_not_show():
+    # exit 1 is equally confident on every row but right only where the input's state says so (its first
+    # coordinate, the direction of largest spread); exits 2-3 are always right: only the state rule can tell
+    n, d = 600, 16
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, n)
+    states = rng.normal(size=(n, 3, d))
+    states[:, :, 0] *= 5
+    probs = np.full((n, 3, 2), 0.1)
+    first = np.where(states[:, 0, 0] > 0, labels, 1 - labels)
+    probs[np.arange(n), 0, first] = 0.8
+    probs[np.arange(n), 0, 1 - first] = 0.2
+    probs[np.arange(n), 1:, :] = 0.1
+    probs[np.arange(n), 1, labels] = 0.9
+    probs[np.arange(n), 2, labels] = 0.9
+    tables = type("T", (), {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(labels),
+                            "pooled": torch.from_numpy(states)})()
+    fit, test = dc.split_view(tables), dc.split_view(tables)
+    exits = dc.decisions(fit, test)
+    state = [dc.point(layers, test["correct"]) for layers in exits["path + state, calibrated"]]
+    confidence = [dc.point(layers, test["correct"]) for layers in exits["confidence"]]
+    assert dc.best_speedup(confidence, 100.0, 0.5) == pytest.approx(1.5)
+    assert dc.best_speedup(state, 100.0, 0.5) > 1.8
+
+
+def test_without_pooled_states_there_is_no_state_rule():
+    probs, labels = _tables(n=120)
+    view = dc.split_view(type("T", (), {"probs": torch.from_numpy(probs), "labels": torch.from_numpy(labels)})())
+    assert "path + state, calibrated" not in dc.decisions(view, view)
+
+
 def test_summary_reports_no_difference_for_the_same_decision_and_renders():
     probs, labels = _tables(n=120)
     correct = (probs.argmax(-1) == labels[:, None]).astype(float)
