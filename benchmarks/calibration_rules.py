@@ -28,7 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from consistentee.evaluation.calibration import calibrate, chain_on_order_split, outcomes_from_points
+from consistentee.evaluation.calibration import (
+    calibrate,
+    chain_on_order_split,
+    outcomes_from_points,
+    realised,
+)
 from consistentee.evaluation.sweep import EvalTables, build_candidates, order_statistics, sweep
 from consistentee.exits.rules import RULES
 from consistentee.exits.tables import collect_exit_tables
@@ -55,14 +60,6 @@ def rule_outcomes(rule: str, dev: EvalTables, test: EvalTables, train: EvalTable
         outcomes.sequences = chain_on_order_split(outcomes.sequences,
                                                   *order_statistics(candidates, {None: train, 0.0: train}))
     return outcomes
-
-
-def realised(outcomes, index: int | None, rows: np.ndarray) -> tuple[float, float]:
-    """(layer speed-up, accuracy loss in points) of a choice on held-out rows; None is full depth."""
-    if index is None:
-        return 1.0, 0.0
-    speed = outcomes.num_layers / float(outcomes.exit_layers[index, rows].mean())
-    return speed, 100.0 * float(outcomes.ref_correct[rows].mean() - outcomes.correct[index, rows].mean())
 
 
 def empirical_speedup(outcomes, rows: np.ndarray, max_loss: float) -> float:

@@ -57,6 +57,7 @@ __all__ = [
     "chain_on_order_split",
     "outcomes_from_points",
     "pvalues",
+    "realised",
     "resampling_study",
     "unseen_pvalues",
 ]
@@ -266,8 +267,9 @@ def calibrate(outcomes: Outcomes, rows: np.ndarray, *, max_loss_points: float, d
     return CalibrationChoice(int(best), len(certified), outcomes.num_layers / float(mean_layers[best]), float(drop))
 
 
-def _realised(outcomes: Outcomes, index: int | None, rows: np.ndarray) -> tuple[float, float]:
-    """(layer speed-up, accuracy loss in points) of a choice on ``rows``; None = full depth."""
+def realised(outcomes: Outcomes, index: int | None, rows: np.ndarray) -> tuple[float, float]:
+    """(layer speed-up, accuracy loss in points) of a choice measured on ``rows`` (held out from its
+    calibration); None = full depth."""
     if index is None:
         return 1.0, 0.0
     speed = outcomes.num_layers / float(outcomes.exit_layers[index, rows].mean())
@@ -302,14 +304,14 @@ def resampling_study(outcomes: Outcomes, *, calibration_size: int, test_size: in
     rng = np.random.default_rng(seed)
     splits = [rng.permutation(n) for _ in range(resplits)]
 
-    def realised(choose) -> tuple[np.ndarray, np.ndarray, int]:
+    def held_out(choose) -> tuple[np.ndarray, np.ndarray, int]:
         """Layer speed-ups and losses on the held-out part of every split, and how often nothing was chosen;
         ``choose(calibration_rows, split_index)`` returns a candidate index or None (full depth)."""
         pairs, empty = [], 0
         for r, perm in enumerate(splits):
             index = choose(perm[:calibration_size], r)
             empty += index is None
-            pairs.append(_realised(outcomes, index, perm[calibration_size:calibration_size + test_size]))
+            pairs.append(realised(outcomes, index, perm[calibration_size:calibration_size + test_size]))
         speeds, losses = (np.array(x) for x in zip(*pairs, strict=True))
         return speeds, losses, empty
 
@@ -319,8 +321,8 @@ def resampling_study(outcomes: Outcomes, *, calibration_size: int, test_size: in
 
     out: dict[str, dict[str, Any]] = {}
     for budget in budgets:
-        speeds, losses, empty = realised(calibrated(budget, method))
-        naive_speeds, naive_losses, _ = realised(lambda cal, r, b=budget: _naive_choice(outcomes, cal, b))
+        speeds, losses, empty = held_out(calibrated(budget, method))
+        naive_speeds, naive_losses, _ = held_out(lambda cal, r, b=budget: _naive_choice(outcomes, cal, b))
         entry = {
             "violation_rate": float(np.mean(losses > budget + 1e-9)),
             "median_speedup": float(np.median(speeds)),
@@ -334,7 +336,7 @@ def resampling_study(outcomes: Outcomes, *, calibration_size: int, test_size: in
         by_method = {}
         for other in compare_methods:
             if other != method:
-                other_speeds, other_losses, _ = realised(calibrated(budget, other))
+                other_speeds, other_losses, _ = held_out(calibrated(budget, other))
                 by_method[other] = {"violation_rate": float(np.mean(other_losses > budget + 1e-9)),
                                     "median_speedup": float(np.median(other_speeds))}
         if by_method:
