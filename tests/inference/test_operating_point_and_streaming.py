@@ -76,6 +76,11 @@ def test_no_stored_point_means_consistentee_at_its_default(model_dir):
 
     predictor = EarlyExitPredictor.from_pretrained(model_dir, device="cpu")
     assert predictor.rule.name == "consistentee" and predictor.operating_point is None
+    # and the user is told that this default guarantees nothing, and what would
+    assert predictor.notes == [f"{model_dir} stores no calibrated operating point: using rule consistentee at its "
+                               "default knob 0.5, which guarantees no accuracy; `consistentee calibrate` chooses one "
+                               "for a budget"]
+    assert EarlyExitPredictor.from_pretrained(model_dir, device="cpu", rule="consistentee").notes == []
 
 
 def test_a_run_directory_resolves_to_its_one_trained_policy_model(tmp_path, model_dir, capsys):

@@ -239,6 +239,9 @@ class EarlyExitPredictor:
             notes.append(f"using the calibrated operating point: {point.describe()}")
         elif rule is None:
             rule = DEFAULT_RULE
+            notes.append(f"{model_dir} stores no calibrated operating point: using rule {DEFAULT_RULE} at its "
+                         f"default knob {make_rule(DEFAULT_RULE).knob}, which guarantees no accuracy; "
+                         "`consistentee calibrate` chooses one for a budget")
         rule_name = rule.name if isinstance(rule, ExitRule) else rule
         if rule_name == "consistentee" and policy_model_dir is None and (run := _stage1_of_run(model_dir)):
             raise _untrained_policy_error(model_dir, run)
