@@ -1,5 +1,5 @@
-"""How far can an exit decision that reads only the exits' outputs get past one confidence threshold, on the same
-weights?
+"""How far can an exit decision that reads the exits' outputs (with ``--state``, the input too) get past one
+confidence threshold, on the same weights?
 
     python benchmarks/decision_ceiling.py RUN_DIR [--beta BETA] [--fit dev|holdout] [--state] [--out DIR]
 
@@ -148,7 +148,7 @@ def state_inputs(features: list[np.ndarray], states: np.ndarray, layer: int) -> 
     return np.concatenate([features[layer], state / np.maximum(np.linalg.norm(state, axis=-1, keepdims=True), 1e-12)], 1)
 
 
-def predict(models: list[LogisticRegression | float], features: list[np.ndarray]) -> np.ndarray:
+def predict(models: list[LogisticRegression | Pipeline | float], features: list[np.ndarray]) -> np.ndarray:
     n = features[0].shape[0]
     cols = [np.full(n, m) if isinstance(m, float) else m.predict_proba(features[i])[:, 1]
             for i, m in enumerate(models)]
