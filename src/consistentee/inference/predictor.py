@@ -240,7 +240,7 @@ class EarlyExitPredictor:
         elif rule is None:
             rule = DEFAULT_RULE
             notes.append(f"{model_dir} stores no calibrated operating point: using rule {DEFAULT_RULE} at its "
-                         f"default knob {make_rule(DEFAULT_RULE).knob}, which guarantees no accuracy; "
+                         f"default knob {rule_class(DEFAULT_RULE).default_knob}, which guarantees no accuracy; "
                          "`consistentee calibrate` chooses one for a budget")
         rule_name = rule.name if isinstance(rule, ExitRule) else rule
         if rule_name == "consistentee" and policy_model_dir is None and (run := _stage1_of_run(model_dir)):
