@@ -59,5 +59,31 @@ def test_several_seeds_give_mean_and_spread_and_the_worst_full_depth_change(tmp_
     row = next(line for line in out.read_text().splitlines() if line.startswith("| v |")).split("|")
     assert row[4].strip() == "1.50x ± 0.71x"  # best x @1pt: 2.00x on seed 0, 1.00x on seed 1
     assert row[7].strip() == "-1.00 (worst -2.00)"  # own full depth 90% and 88% against 90%
-    assert row[8].strip() == "2"
+    assert row[8].strip() == "—"  # no point at the policy's default threshold
+    assert row[9].strip() == "2"
     assert dev_ablation.main([f"v={paths[0]},{tmp_path / 'missing.json'}"], "consistentee", None) == 2
+
+
+def _sweep_report(betas: dict[float, list[tuple[float, float, float]]]) -> dict:
+    """A report whose ConsistentEE points are (threshold, dev speed-up, dev accuracy) per beta."""
+    report = _report([])
+    report["methods"]["consistentee"]["points"] = [
+        {"knob": {"beta": beta, "threshold": t}, "dev_layer_speedup": s, "dev_accuracy": a}
+        for beta, points in betas.items() for t, s, a in points]
+    report["consistentee_models"] = {str(beta): {"full_depth_dev_accuracy": 0.90 - beta} for beta in betas}
+    return report
+
+
+def test_one_beta_of_a_sweep_is_compared_alone_with_its_default_threshold(tmp_path):
+    report = _sweep_report({0.05: [(0.9, 1.0, 0.90), (0.5, 2.0, 0.88)], 0.1: [(0.5, 3.0, 0.895)]})
+    whole, alone = dev_ablation.dev_row(report, "consistentee"), dev_ablation.dev_row(report, "consistentee", 0.05)
+    assert whole["best_1"] == 3.0 and alone["best_1"] == 1.0  # beta 0.1's point is left out
+    assert alone["own_full_dev"] == [pytest.approx(85.0)]
+    assert alone["default_x"] == [2.0] and alone["default_loss"] == [pytest.approx(2.0)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    out = tmp_path / "table.md"
+    assert dev_ablation.main([f"v={path}"], "consistentee", str(out), 0.05) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| v |")).split("|")
+    assert row[8].strip() == "2.00x / +2.00"
+    assert dev_ablation.main([f"v={path}"], "consistentee", None, 0.2) == 2  # no model at that beta
