@@ -140,3 +140,48 @@ def test_confidence_only_policies_read_three_numbers_and_ignore_the_rest_of_the_
     loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
     assert loaded.config.policy_features == "confidence"
     assert torch.equal(before, loaded(**batch).policy_logits)
+
+
+def test_policy_inputs_are_standardised_once_their_scaling_is_set(tiny_encoder_dir, tmp_path):
+    torch.manual_seed(2)
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, LABELS, pooling="mean").eval()
+    model.reset_policies("confidence", 8)
+    pooled = torch.randn(64, 32)
+    inputs = model.policy_inputs(0, pooled)
+    policy = model.policies[0]
+    assert torch.equal(model.policy_logits(0, pooled), policy.net(inputs).squeeze(-1))  # the identity until set
+    policy.set_input_scaling(inputs)
+    standard = (inputs - inputs.mean(0)) / inputs.std(0, unbiased=False)
+    assert torch.allclose(model.policy_logits(0, pooled), policy.net(standard).squeeze(-1), atol=1e-5)
+    policy.set_input_scaling(torch.ones(5, 3))  # a constant input: a floor on the scale keeps it finite
+    assert torch.isfinite(model.policy_logits(0, pooled)).all()
+    policy.set_input_scaling(inputs)
+    batch = _batch(tiny_encoder_dir)
+    before = model(**batch).policy_logits
+    model.save_pretrained(tmp_path / "m")
+    loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.policies[0].input_scale, policy.input_scale)
+    assert torch.equal(before, loaded(**batch).policy_logits)
+
+
+def test_a_model_saved_before_the_policy_input_scaling_loads_with_the_identity(tiny_encoder_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(3)
+    model = EarlyExitForSequenceClassification.from_backbone(tiny_encoder_dir, LABELS, pooling="mean").eval()
+    batch = _batch(tiny_encoder_dir)
+    before = model(**batch).policy_logits
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith(("input_shift", "input_scale"))}
+    assert len(tensors) == len(load_file(weights)) - 2 * len(model.policies)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("weights_sha256", None)  # as an older release wrote it: the checksum was of the old file
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
+    assert torch.equal(before, loaded(**batch).policy_logits)
+    tensors.pop(next(k for k in tensors if k.startswith("policies.0.net.0.weight")))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFormatError, match="1 missing"):  # a real weight is still required
+        EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")

@@ -321,3 +321,25 @@ def test_stage3_on_the_exits_alone_keeps_the_backbone_and_the_last_exit(hardness
 def test_a_negative_anchor_weight_is_refused():
     with pytest.raises(ValueError, match="anchor_weight"):
         PolicyConfig(anchor_weight=-1.0)
+
+
+def test_input_scaling_standardises_what_each_policy_reads_on_the_stage1_model(hardness_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(hardness_run, run, ignore=shutil.ignore_patterns("policies"))
+    cfg = PolicyConfig(beta=0.3, rollouts=2, policy_epochs=1, joint_epochs=1, policy_batch_size=32,
+                       policy_features="path", policy_input_scaling=True, seed=0)
+    model = EarlyExitForSequenceClassification.from_pretrained(train_policy(run, cfg, device="cpu", progress=False,
+                                                                            log=lambda *_: None))
+    stage1, data = load_run_model(run, device="cpu")
+    stage1.reset_policies("path", stage1.config.policy_hidden_size)
+    train = data.encoded["train"]
+    batch = data.collate([train[i] for i in range(len(train))])  # no policy hold-out: every training row
+    with torch.no_grad():
+        pooled = stage1(batch["input_ids"], batch["attention_mask"], return_pooled=True).pooled
+        first = stage1.policy_inputs(0, pooled[:, 0])
+        second = stage1.policy_inputs(1, pooled[:, 1], stage1.advance_path(0, pooled[:, 0], None))
+    # stage 3 moved the exits afterwards; the scaling stays what stage 2 measured on the stage-1 exits
+    for policy, inputs in zip(model.policies, (first, second), strict=True):
+        assert torch.allclose(policy.input_shift, inputs.mean(0), atol=1e-4)
+        assert torch.allclose(policy.input_scale, inputs.std(0, unbiased=False).clamp_min(1e-3), atol=1e-4)
+    assert not torch.equal(model.policies[1].input_scale, torch.ones_like(model.policies[1].input_scale))

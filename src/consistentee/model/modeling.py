@@ -45,8 +45,9 @@ from consistentee.resources import resolve_model_path
 from consistentee.utils.io import atomic_directory
 from consistentee.utils.io import file_sha256 as sha256_file
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "EarlyExitForSequenceClassification", "MultiExitOutput",
-           "PolicyNetwork", "PolicyPath", "resolve_model_dir", "sentence_embedding_pooling", "sha256_file"]
+__all__ = ["CONFIG_NAME", "OPTIONAL_POLICY_BUFFERS", "WEIGHTS_NAME", "EarlyExitForSequenceClassification",
+           "MultiExitOutput", "PolicyNetwork", "PolicyPath", "required_missing", "resolve_model_dir",
+           "sentence_embedding_pooling", "sha256_file"]
 
 #: Threshold of the ConsistentEE policy when a folder with trained policies stores no operating point.
 DEFAULT_POLICY_THRESHOLD = 0.5
@@ -63,17 +64,40 @@ _IGNORED_SAVE_KWARGS = frozenset({
 })
 
 
+#: Policy buffers that models saved before they existed lack; such models load with the identity in their place.
+OPTIONAL_POLICY_BUFFERS = ("input_shift", "input_scale")
+
+
+def required_missing(missing: list[str]) -> list[str]:
+    """The keys of ``missing`` (from a non-strict load) that a model cannot do without: all but the
+    :data:`OPTIONAL_POLICY_BUFFERS`, which keep their identity values."""
+    return [key for key in missing if key.rsplit(".", 1)[-1] not in OPTIONAL_POLICY_BUFFERS]
+
+
 class PolicyNetwork(nn.Module):
-    """d -> hidden -> 1 MLP with GELU; its sigmoid is the probability of exiting at this layer."""
+    """d -> hidden -> 1 MLP with GELU; its sigmoid is the probability of exiting at this layer.
+
+    Its inputs are standardised by ``input_shift`` and ``input_scale`` (the identity until
+    :meth:`set_input_scaling`): confidence features vary over a fraction of their range, so without it the
+    per-layer bias learns far faster than the weights that tell inputs apart (docs/method.md section 3)."""
 
     def __init__(self, hidden_size: int, policy_hidden_size: int):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(hidden_size, policy_hidden_size), nn.GELU(), nn.Linear(policy_hidden_size, 1)
         )
+        self.register_buffer("input_shift", torch.zeros(hidden_size))
+        self.register_buffer("input_scale", torch.ones(hidden_size))
+
+    def set_input_scaling(self, inputs: torch.Tensor, min_scale: float = 1e-3) -> None:
+        """Standardise future inputs by the mean and std of ``inputs`` [N, d] (a std below ``min_scale`` counts
+        as ``min_scale``, so a constant input stays finite)."""
+        inputs = inputs.float()
+        self.input_shift.copy_(inputs.mean(0))
+        self.input_scale.copy_(inputs.std(0, unbiased=False).clamp_min(min_scale))
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.net(pooled).squeeze(-1)
+        return self.net((pooled - self.input_shift) / self.input_scale).squeeze(-1)
 
 
 @dataclass
@@ -249,14 +273,18 @@ class EarlyExitForSequenceClassification(PreTrainedModel):
         exits before this one (None at the first layer)."""
         if index >= self.num_layers - 1:
             raise IndexError("the last layer has no policy: exiting there is forced")
+        return self.policies[index](self.policy_inputs(index, pooled, path))
+
+    def policy_inputs(self, index: int, pooled: torch.Tensor, path: PolicyPath | None = None) -> torch.Tensor:
+        """[B, inputs]: what policy ``index`` reads (``config.policy_features``), before its standardisation."""
         features = self.config.policy_features
         if features == "confidence":
-            return self.policies[index](self.confidence_features(index, pooled))
+            return self.confidence_features(index, pooled)
         if features == "path":
-            return self.policies[index](self.path_features(index, pooled, path))
+            return self.path_features(index, pooled, path)
         if features == "state+confidence":
-            pooled = torch.cat([pooled, self.confidence_features(index, pooled)], dim=-1)
-        return self.policies[index](pooled)
+            return torch.cat([pooled, self.confidence_features(index, pooled)], dim=-1)
+        return pooled
 
     def advance_path(self, index: int, pooled: torch.Tensor, path: PolicyPath | None) -> PolicyPath:
         """``path`` after exit ``index`` (no gradient: the policy reads the classifiers, it does not train them)."""
@@ -553,6 +581,7 @@ def _load_weights(model: EarlyExitForSequenceClassification, directory: Path, ra
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
     except Exception as exc:  # safetensors raises several types for corrupt files and shape mismatches
         raise ModelFormatError(f"cannot load {weights}: {str(exc).splitlines()[0]}") from None
+    missing = required_missing(missing)
     if missing or unexpected:
         raise ModelFormatError(
             f"{weights} does not match {config_path}: "

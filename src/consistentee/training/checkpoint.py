@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from consistentee.model.modeling import required_missing
 from consistentee.utils.io import atomic_directory, file_sha256
 
 MODEL_FILE = "model.safetensors"
@@ -122,6 +123,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, restore_rng: bool =
     except Exception as exc:  # shape mismatches and unreadable files, however safetensors spells them
         raise CheckpointError(f"checkpoint file {directory / MODEL_FILE} cannot be loaded into this model "
                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    missing = required_missing(missing)  # checkpoints written before the policies' input scaling existed
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {directory / MODEL_FILE} does not fit this model ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected weights)")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from consistentee.data.dataset import seeded_order
+from consistentee.exits.learned import cache_pooled_states
 from consistentee.exits.rules import make_rule, simulate_exits
 from consistentee.model.configuration import POLICY_FEATURES
 from consistentee.model.modeling import EarlyExitForSequenceClassification
@@ -116,6 +117,10 @@ class PolicyConfig:
                 "(every rollout runs to full depth and the policies get the exact gradient of the expected reward "
                 "over all exits, sum_l P(exit at l) R_l: the same objective without sampling noise)",
         "choices": POLICY_LOSSES})
+    policy_input_scaling: bool = field(default=False, metadata={"advanced": True,
+        "help": "standardise each policy's inputs by their mean and std over the stage-2 training rows, measured "
+                "on the stage-1 model before training: on small training sets the policies then tell inputs apart "
+                "instead of learning one exit layer for all (docs/method.md section 3)"})
     rollouts: int = field(default=8, metadata={"help": "K: rollouts per example (fresh dropout and actions)"})
     rounds: int = field(default=1, metadata={"help": "alternations of stage 2 and stage 3"})
     policy_epochs: int = field(default=3, metadata={"help": "stage-2 (policy only) epochs per round"})
@@ -305,6 +310,8 @@ def train_policy(
         rank = {row: position for position, row in enumerate(seeded_order(ids, cfg.seed))}
         rows = sorted(sorted(rows, key=rank.__getitem__)[: cfg.policy_train_examples])
     train_set = train_subset(data, rows)
+    if cfg.policy_input_scaling and not state["completed"]:  # later units load the scaling with the saved model
+        fit_policy_input_scaling(model, train_set, data.collate, batch_size=cfg.eval_batch_size, progress=progress)
     reward_fn = make_reward(cfg.reward, cfg.beta)
     log_rows = _read_log(out / "log.csv")
 
@@ -346,6 +353,21 @@ def train_policy(
 
 #: Settings that may change between a run and its resumption without changing what is trained.
 _RESUMABLE = {"checkpoint_every", "eval_batch_size", "mixed_precision"}
+
+
+@torch.no_grad()
+def fit_policy_input_scaling(model: EarlyExitForSequenceClassification, dataset, collate, *, batch_size: int = 128,
+                             progress: bool = False) -> None:
+    """Set every policy's input standardisation (:meth:`PolicyNetwork.set_input_scaling`) from one eval-mode pass
+    over ``dataset``: what each policy reads there, each exit's path included, under the current exits."""
+    tables = cache_pooled_states(model, dataset, collate, batch_size=batch_size, progress=progress,
+                                 desc="policy input scaling")
+    path = None
+    for index, policy in enumerate(model.policies):
+        pooled = tables.pooled[:, index].to(model.exits[index].weight)
+        policy.set_input_scaling(model.policy_inputs(index, pooled, path))
+        if model.policies_read_path:
+            path = model.advance_path(index, pooled, path)
 
 
 def _changed_settings(saved: dict | None, current: dict) -> list[str]:
