@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from consistentee.exits.operating_point import OperatingPoint, save_operating_point
+from consistentee.model.constants import FORMAT_VERSION
 from consistentee.model.modeling import EarlyExitForSequenceClassification
 
 from .conftest import LABELS, TEXTS
@@ -158,7 +159,7 @@ def test_save_pretrained_writes_labels_tokenizer_and_a_model_card(tiny_encoder_d
     model.operating_point = OperatingPoint(rule="entropy", knob=0.2, calibration={"max_loss_points": 1.0})
     model.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     data = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert data["model_type"] == "consistentee-early-exit" and data["format_version"] == 2
+    assert data["model_type"] == "consistentee-early-exit" and data["format_version"] == FORMAT_VERSION == 3
     assert data["id2label"] == {"0": "neg", "1": "pos", "2": "neutral"}
     assert data["label2id"] == {"neg": 0, "pos": 1, "neutral": 2}
     assert "id2label" not in data["backbone"]  # no LABEL_0/LABEL_1 left from the encoder

@@ -177,7 +177,8 @@ def test_a_model_saved_before_the_policy_input_scaling_loads_with_the_identity(t
     assert len(tensors) == len(load_file(weights)) - 2 * len(model.policies)
     save_file(tensors, weights, metadata={"format": "pt"})
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config.pop("weights_sha256", None)  # as an older release wrote it: the checksum was of the old file
+    config.pop("weights_sha256", None)  # the checksum was of the older file
+    config.update(format_version=2, min_reader_format=2)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     loaded = EarlyExitForSequenceClassification.from_pretrained(tmp_path / "m")
     assert torch.equal(before, loaded(**batch).policy_logits)

@@ -13,6 +13,9 @@ Format history (``format_version`` in config.json) and how older folders load:
   ``EarlyExitForSequenceClassification.from_pretrained`` and save it again to upgrade it.
 * **2**: adds ``model_type``, ``architectures``, ``id2label``/``label2id`` (from ``label_names``),
   ``consistentee_version``, ``min_reader_format`` and ``weights_sha256`` (sha256 of model.safetensors).
+* **3**: the same config keys; model.safetensors also holds each policy's ``input_shift`` and ``input_scale``
+  (``--policy-input-scaling``, docs/method.md section 3), so ``min_reader_format`` is 3. Format-2 weights load
+  with the identity in their place.
 
 Forward compatibility: a folder written by a newer consistentee loads when its ``min_reader_format`` is at most
 :data:`FORMAT_VERSION`; keys this version does not know are ignored with a :class:`ModelFormatWarning` naming them.

@@ -9,10 +9,12 @@ MODEL_TYPE = "consistentee-early-exit"
 #: Class name written into ``architectures``.
 ARCHITECTURE = "EarlyExitForSequenceClassification"
 #: Format this code writes. 1: the pre-transformers layout; 2: a transformers ``PretrainedConfig`` with a
-#: weights checksum (see ``consistentee.model.configuration`` for the history and the defaults of old folders).
-FORMAT_VERSION = 2
-#: A folder whose ``min_reader_format`` exceeds ``FORMAT_VERSION`` needs a newer consistentee.
-MIN_READER_FORMAT = 2
+#: weights checksum; 3: the policies' input-scaling buffers in the weights (see ``consistentee.model.configuration``
+#: for the history and the defaults of old folders).
+FORMAT_VERSION = 3
+#: A folder whose ``min_reader_format`` exceeds ``FORMAT_VERSION`` needs a newer consistentee (format-2 readers
+#: cannot load the format-3 weights: they would refuse the buffers they do not know as a mismatch).
+MIN_READER_FORMAT = 3
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
